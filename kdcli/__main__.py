@@ -1,0 +1,5 @@
+import sys
+
+from kdcli.cli import main
+
+sys.exit(main())

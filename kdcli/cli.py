@@ -1,0 +1,249 @@
+"""The command line: parse, call the library, print. No training logic here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from kdcli import __version__
+from kdcli.errors import KdcliError, QualityGateFailed
+
+app = typer.Typer(
+    name="kdcli",
+    help="Compress timm image classifiers by sequential multi-stage knowledge distillation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+recipe_app = typer.Typer(help="Validate, show and describe recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda")
+SET = typer.Option(None, "--set", help="override a recipe field: dotted.path=value (repeatable)")
+JSON = typer.Option(False, "--json", help="print the machine-readable result to stdout, nothing else")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"kdcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks (also accepted after any command)"),
+) -> None:
+    """kdcli: teacher.safetensors + a timm student name -> a smaller student, timm-native, with a report."""
+
+
+def _progress(label: str = ""):
+    from kdcli.progress import progress_for_terminal
+
+    return progress_for_terminal(label)
+
+
+def _print_json(data: dict) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _model_table(title: str, rows: list[tuple[str, dict]]) -> Table:
+    table = Table(title=title)
+    for column in ("model", "arch", "top-1 %", "top-5 %", "params", "file"):
+        table.add_column(column, justify="left" if column in ("model", "arch") else "right")
+    for name, entry in rows:
+        size = entry.get("file_bytes")
+        table.add_row(
+            name, entry["arch"], f"{entry['top1']:.2f}", f"{entry['top5']:.2f}", f"{entry['params'] / 1e6:.3f} M",
+            f"{size / 2**20:.2f} MiB" if size else "–",
+        )
+    return table
+
+
+def _print_run(report: dict, out: Path) -> None:
+    rows = [("teacher", report["teacher"])] if report.get("teacher") else []
+    rows.append(("student", report["student"]))
+    out_console.print(_model_table("Result", rows))
+    stages = Table(title="Stages")
+    for column in ("#", "stage", "epochs", "anchor", "top-1 after %", "time"):
+        stages.add_column(column, justify="left" if column in ("stage", "anchor") else "right")
+    for i, stage in enumerate(report["stages"]):
+        stages.add_row(str(i), stage["name"], str(stage["epochs"]), stage["anchor"], f"{stage['val_top1']:.2f}",
+                       f"{stage['seconds']:.1f}s")
+    out_console.print(stages)
+    where = out / "student" if report["kind"] == "distill" else out
+    out_console.print(f"student written to {where}; report in {out / 'report.md'}")
+
+
+@app.command()
+def distill(
+    teacher: str = typer.Argument(..., help="teacher: a .safetensors file or a timm folder (model.safetensors + config.json)"),
+    student: str = typer.Argument(..., help="student: a timm architecture name, or a .safetensors/folder to start from"),
+    data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
+    recipe: str = typer.Option(None, "--recipe", "-r", help="built-in recipe name or YAML file [default: kd-anchored]"),
+    out: Path = typer.Option(Path("kdcli-distill"), "--out", "-o", help="output folder"),
+    set_: list[str] = SET,
+    seed: int = typer.Option(None, "--seed", help="overrides the recipe's seed"),
+    teacher_arch: str = typer.Option(None, "--teacher-arch", help="teacher architecture, if the weights do not say"),
+    student_arch: str = typer.Option(None, "--student-arch", help="student architecture, if its weights do not say"),
+    device: str = DEVICE,
+    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    json_: bool = JSON,
+) -> None:
+    """Distill TEACHER into STUDENT through the recipe's stages; write the student and a report to --out."""
+    from kdcli.jobs import train_student
+    from kdcli.recipe import load_recipe
+
+    plan = load_recipe(recipe, set_ or [], seed)
+    with _progress() as listener:
+        report = train_student(plan, student, data, out, teacher_ref=teacher, teacher_arch=teacher_arch,
+                               student_arch=student_arch, device_name=device, force=force, listener=listener)
+    _print_json(report) if json_ else _print_run(report, out)
+
+
+@app.command()
+def train(
+    arch: str = typer.Argument(..., help="a timm architecture name, or a .safetensors/folder to fine-tune"),
+    data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
+    out: Path = typer.Option(Path("kdcli-train"), "--out", "-o", help="output folder: model.safetensors + config.json + report"),
+    recipe: str = typer.Option("supervised", "--recipe", "-r", help="built-in recipe name or YAML file"),
+    epochs: int = typer.Option(None, "--epochs", help="epochs of every stage (shorthand for --set stages.N.epochs)"),
+    set_: list[str] = SET,
+    seed: int = typer.Option(None, "--seed", help="overrides the recipe's seed"),
+    arch_flag: str = typer.Option(None, "--arch", help="architecture of ARCH's weights, if they do not say"),
+    device: str = DEVICE,
+    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    json_: bool = JSON,
+) -> None:
+    """Plain supervised training, no teacher: for teachers and baselines."""
+    from kdcli.jobs import train_student
+    from kdcli.recipe import load_recipe
+
+    plan = load_recipe(recipe, set_ or [], seed)
+    if epochs is not None:
+        if epochs < 1:
+            raise KdcliError(f"--epochs {epochs}: must be 1 or more")
+        plan = plan.model_copy(update={"stages": [s.model_copy(update={"epochs": epochs}) for s in plan.stages]})
+    with _progress() as listener:
+        report = train_student(plan, arch, data, out, student_arch=arch_flag, device_name=device, force=force,
+                               listener=listener, kind="train")
+    _print_json(report) if json_ else _print_run(report, out)
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: str = typer.Argument(..., help="a .safetensors file or a timm folder"),
+    data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
+    arch: str = typer.Option(None, "--arch", help="architecture, if the weights do not say"),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    workers: int = typer.Option(0, "--workers", min=0),
+    device: str = DEVICE,
+    json_: bool = JSON,
+) -> None:
+    """Top-1, top-5, parameters and size of any timm safetensors checkpoint on the validation split."""
+    from kdcli.jobs import eval_checkpoint
+
+    result = eval_checkpoint(checkpoint, data, arch, batch_size, workers, device)
+    if json_:
+        _print_json(result)
+    else:
+        out_console.print(_model_table(f"Evaluation on {result['data']}", [(checkpoint, result["model"])]))
+
+
+@recipe_app.command("validate")
+def recipe_validate(
+    files: list[str] = typer.Argument(..., help="recipe YAML files or built-in names"),
+    set_: list[str] = SET,
+) -> None:
+    """Check recipes against the schema; print every problem with its field path."""
+    from kdcli.recipe import RecipeError, load_recipe
+
+    failed = False
+    for ref in files:
+        try:
+            plan = load_recipe(ref, set_ or [])
+        except RecipeError as err:
+            failed = True
+            for problem in err.problems:
+                err_console.print(f"error: {problem}", markup=False, highlight=False)
+            continue
+        out_console.print(f"ok: {ref} ('{plan.name}', {len(plan.stages)} stages, hash {plan.digest()})", markup=False)
+    if failed:
+        raise typer.Exit(2)
+
+
+@recipe_app.command("show")
+def recipe_show(
+    ref: str = typer.Argument(..., help="built-in name or YAML file"),
+    set_: list[str] = SET,
+) -> None:
+    """Print a recipe as it would run: defaults filled in, overrides applied."""
+    from kdcli.recipe import load_recipe
+
+    sys.stdout.write(load_recipe(ref, set_ or []).to_yaml())
+
+
+@recipe_app.command("list")
+def recipe_list() -> None:
+    """The built-in recipes, usable by name with --recipe."""
+    from kdcli.recipe import builtin_dir, builtin_names
+
+    for name in builtin_names():
+        raw = yaml.safe_load((builtin_dir() / f"{name}.yaml").read_text(encoding="utf-8"))
+        out_console.print(f"[bold]{name}[/bold]: {' '.join(str(raw.get('description', '')).split())}")
+
+
+@recipe_app.command("schema")
+def recipe_schema() -> None:
+    """Print the recipe's JSON Schema (for editors and CI checks)."""
+    from kdcli.recipe import recipe_schema as schema
+
+    _print_json(schema())
+
+
+def _report_error(message: str) -> None:
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app and maps outcomes to exit codes (0 ok, 1 gate failed, 2 bad input, 130 interrupt)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("KDCLI_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    try:
+        app(args=args, prog_name="kdcli", standalone_mode=False)
+        return 0
+    except KdcliError as err:
+        if debug:
+            traceback.print_exc()
+        _report_error(str(err))
+        return err.exit_code
+    except QualityGateFailed as err:
+        _report_error(str(err))
+        return err.exit_code
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    except click.ClickException as err:
+        err.show()
+        return 2
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _report_error("interrupted")
+        return 130
+    except Exception as err:  # a bug in kdcli, not the user's input
+        if debug:
+            traceback.print_exc()
+        _report_error(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback, and report it)")
+        return 3

@@ -1,0 +1,223 @@
+"""The commands' work, without any printing: distill, train, eval. The CLI parses, calls these, prints."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import get_pretrained_cfg
+from torch import nn
+
+from kdcli import __version__
+from kdcli.checkpoint import LoadedModel, count_params, fresh_model, is_checkpoint_ref, load_checkpoint, save_timm_folder
+from kdcli.data import DataConfig, DataSource, EvalView, Renormalize, TrainView, eval_loader, open_data
+from kdcli.engine import Listener, TrainingData
+from kdcli.errors import KdcliError
+from kdcli.evaluate import predict, topk_accuracy
+from kdcli.fsio import write_text
+from kdcli.pipeline import Models, run_stages
+from kdcli.recipe import DataSettings, Recipe
+from kdcli.report import stage_entry, write_report
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KdcliError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise KdcliError(f"--device {name}: choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def prepare_out(out: Path, force: bool) -> Path:
+    """Create the output folder; refuse a non-empty one unless forced; prove it is writable before training."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KdcliError(f"--out {out} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise KdcliError(f"--out {out} is not empty; pass --force to overwrite it, or choose a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".kdcli-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise KdcliError(f"--out {out} is not writable ({err.strerror or err}); choose another folder") from err
+    return out
+
+
+def arch_default_config(arch: str, native_size: int | None) -> DataConfig:
+    """timm's default preprocessing of an architecture; at a data set's native size, no resize or crop."""
+    cfg = get_pretrained_cfg(arch)
+    return DataConfig(
+        image_size=native_size or int(cfg.input_size[-1]),
+        mean=tuple(cfg.mean),
+        std=tuple(cfg.std),
+        interpolation=cfg.interpolation or "bilinear",
+        crop_pct=1.0 if native_size else float(cfg.crop_pct or 0.875),
+        crop_mode=cfg.crop_mode or "center",
+    )
+
+
+def student_data_config(
+    settings: DataSettings, teacher: LoadedModel | None, student: LoadedModel | None, student_arch: str, native: int | None
+) -> DataConfig:
+    """Size from the recipe, else the teacher's config; normalisation from the recipe, else the starting
+    student's own, else the teacher's; whatever is still open from the architecture's timm defaults."""
+    size_source = next((m.data_config for m in (teacher, student) if m and m.data_config), None)
+    norm_source = next((m.data_config for m in (student, teacher) if m and m.data_config), None)
+    base = size_source or arch_default_config(student_arch, native)
+    config = DataConfig(
+        image_size=settings.image_size or base.image_size,
+        mean=settings.mean or (norm_source or base).mean,
+        std=settings.std or (norm_source or base).std,
+        interpolation=base.interpolation,
+        crop_pct=base.crop_pct,
+        crop_mode=base.crop_mode,
+    )
+    return config
+
+
+@dataclass
+class Evaluated:
+    top1: float
+    top5: float
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+
+def evaluate(model: nn.Module, source: DataSource, config: DataConfig, batch_size: int, workers: int,
+             device: torch.device, adapter: nn.Module | None = None) -> Evaluated:
+    loader = eval_loader(EvalView(source.val, config), batch_size, workers)
+    model = nn.Sequential(adapter, model) if adapter is not None else model
+    logits, labels = predict(model, loader, device)
+    return Evaluated(topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5), logits, labels)
+
+
+def model_entry(loaded: LoadedModel, evaluated: Evaluated | None, path: Path | None) -> dict:
+    return {
+        "arch": loaded.arch,
+        "path": str(path) if path else None,
+        "params": count_params(loaded.model),
+        "file_bytes": path.stat().st_size if path and path.is_file() else None,
+        "top1": evaluated.top1 if evaluated else None,
+        "top5": evaluated.top5 if evaluated else None,
+    }
+
+
+def run_info(device: torch.device, recipe: Recipe, source: DataSource, config: DataConfig, seconds: float) -> dict:
+    return {
+        "command": ["kdcli", *sys.argv[1:]],
+        "kdcli": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "seed": recipe.seed,
+        "data": source.description,
+        "data_config": config.pretrained_cfg(),
+        "seconds": round(seconds, 2),
+    }
+
+
+def train_student(
+    recipe: Recipe,
+    student_ref: str,
+    data_spec: str,
+    out: Path,
+    *,
+    teacher_ref: str | None = None,
+    teacher_arch: str | None = None,
+    student_arch: str | None = None,
+    device_name: str = "auto",
+    force: bool = False,
+    listener: Listener,
+    kind: str = "distill",
+) -> dict:
+    """distill (with a teacher) or train (without): run the recipe, write the student and the report."""
+    started = time.perf_counter()
+    device = resolve_device(device_name)
+    out = prepare_out(out, force)
+    teacher = load_checkpoint(teacher_ref, teacher_arch, "teacher", "--teacher-arch") if teacher_ref else None
+    source = open_data(data_spec)
+    if teacher and teacher.num_classes != source.num_classes:
+        raise KdcliError(
+            f"the teacher has {teacher.num_classes} classes but the data has {source.num_classes}; "
+            "pass the data the teacher was trained on, or a teacher for this data"
+        )
+    start = load_checkpoint(student_ref, student_arch, "student", "--student-arch") if is_checkpoint_ref(student_ref) else None
+    num_classes = teacher.num_classes if teacher else source.num_classes
+    if start and start.num_classes != num_classes:
+        whose = "the teacher" if teacher else "the data"
+        raise KdcliError(
+            f"the student has {start.num_classes} classes but {whose} has {num_classes}; "
+            "start from a student with the same classes, or from an architecture name"
+        )
+    arch = start.arch if start else student_ref
+    config = student_data_config(recipe.data, teacher, start, arch, source.native_size)
+    torch.manual_seed(recipe.seed)
+    student = start or fresh_model(arch, num_classes, config.image_size)
+    student.model.to(device)
+    adapter = None
+    if teacher:
+        teacher.model.to(device).eval().requires_grad_(False)
+        teacher_config = teacher.data_config or arch_default_config(teacher.arch, source.native_size)
+        if (teacher_config.mean, teacher_config.std) != (config.mean, config.std):
+            adapter = Renormalize(config, teacher_config).to(device)
+
+    settings = recipe.data
+    data = TrainingData(
+        view=TrainView(source.train, config, settings.augment.hflip, settings.augment.crop, recipe.seed),
+        val_loader=eval_loader(EvalView(source.val, config), settings.eval_batch_size, settings.workers),
+        batch_size=settings.batch_size, workers=settings.workers, seed=recipe.seed,
+    )
+    teacher_eval = None
+    if teacher:
+        teacher_eval = evaluate(teacher.model, source, config, settings.eval_batch_size, settings.workers, device, adapter)
+    models = Models(student.model, student.pretrained, teacher.model if teacher else None, config.image_size)
+    outcomes = run_stages(recipe, models, data, device, listener, teacher_input=adapter or (lambda x: x))
+    final = evaluate(student.model, source, config, settings.eval_batch_size, settings.workers, device)
+
+    folder = out / "student" if kind == "distill" else out
+    save_timm_folder(folder, student, config, source.classes, {"recipe_hash": recipe.digest()})
+    write_text(out / "recipe.yaml", recipe.to_yaml())
+    report = {
+        "kind": kind,
+        "run": run_info(device, recipe, source, config, time.perf_counter() - started),
+        "recipe": {"name": recipe.name, "hash": recipe.digest(), "resolved": recipe.to_dict()},
+        "teacher": model_entry(teacher, teacher_eval, teacher.weights_path) if teacher else None,
+        "student": {
+            **model_entry(student, final, folder / "model.safetensors"),
+            "init": str(start.weights_path) if start else "random",
+        },
+        "stages": [stage_entry(o) for o in outcomes],
+    }
+    write_report(out, report)
+    return report
+
+
+def eval_checkpoint(ref: str, data_spec: str, arch: str | None, batch_size: int, workers: int,
+                    device_name: str) -> dict:
+    device = resolve_device(device_name)
+    loaded = load_checkpoint(ref, arch, "checkpoint", "--arch")
+    source = open_data(data_spec)
+    if loaded.num_classes != source.num_classes:
+        raise KdcliError(
+            f"the checkpoint has {loaded.num_classes} classes but the data has {source.num_classes}; "
+            "evaluate it on the data it was trained for"
+        )
+    config = loaded.data_config or arch_default_config(loaded.arch, source.native_size)
+    result = evaluate(loaded.model.to(device), source, config, batch_size, workers, device)
+    return {
+        "kind": "eval",
+        "data": source.description,
+        "data_config": config.pretrained_cfg(),
+        "model": model_entry(loaded, result, loaded.weights_path),
+    }
+
