@@ -8,7 +8,6 @@ import sys
 import traceback
 from pathlib import Path
 
-import click
 import typer
 import yaml
 from rich.console import Console
@@ -163,6 +162,40 @@ def eval_(
         out_console.print(_model_table(f"Evaluation on {result['data']}", [(checkpoint, result["model"])]))
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(None, "--out", "-o", help="output folder [default: a new temporary folder]"),
+    data: str = typer.Option("synthetic", "--data", "-d", help="data for all three runs"),
+    teacher: str = typer.Option(None, "--teacher", help="teacher architecture [default: resnet10t]"),
+    student: str = typer.Option(None, "--student", help="student architecture [default: test_resnet]"),
+    device: str = DEVICE,
+    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    json_: bool = JSON,
+) -> None:
+    """Train a teacher, a baseline student and a distilled student on built-in data; compare them."""
+    import tempfile
+
+    from kdcli import demo as demo_module
+
+    out = out or Path(tempfile.mkdtemp(prefix="kdcli-demo-"))
+    reports = demo_module.run_demo(out, data, teacher or demo_module.TEACHER, student or demo_module.STUDENT,
+                                   device, force, _progress)
+    if json_:
+        _print_json(reports)
+        return
+    table = Table(title=f"kdcli demo: {reports['teacher']['run']['data']}")
+    for column in ("model", "arch", "epochs", "top-1 %", "params", "file", "train time"):
+        table.add_column(column, justify="left" if column in ("model", "arch") else "right")
+    for label, report in reports.items():
+        entry = report["student"]
+        epochs = sum(stage["epochs"] for stage in report["stages"])
+        table.add_row(label, entry["arch"], str(epochs), f"{entry['top1']:.2f}", f"{entry['params'] / 1e6:.3f} M",
+                      f"{entry['file_bytes'] / 2**20:.2f} MiB", f"{report['run']['seconds']:.0f}s")
+    out_console.print(table)
+    gain = reports["distilled"]["student"]["top1"] - reports["baseline"]["student"]["top1"]
+    out_console.print(f"distillation vs the same student alone: {gain:+.2f} top-1 points; outputs in {out}")
+
+
 @recipe_app.command("validate")
 def recipe_validate(
     files: list[str] = typer.Argument(..., help="recipe YAML files or built-in names"),
@@ -178,9 +211,10 @@ def recipe_validate(
         except RecipeError as err:
             failed = True
             for problem in err.problems:
-                err_console.print(f"error: {problem}", markup=False, highlight=False)
+                _report_error(problem)
             continue
-        out_console.print(f"ok: {ref} ('{plan.name}', {len(plan.stages)} stages, hash {plan.digest()})", markup=False)
+        out_console.print(f"ok: {ref} ('{plan.name}', {len(plan.stages)} stages, hash {plan.digest()})",
+                          markup=False, soft_wrap=True)
     if failed:
         raise typer.Exit(2)
 
@@ -224,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args or os.environ.get("KDCLI_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
     try:
-        app(args=args, prog_name="kdcli", standalone_mode=False)
-        return 0
+        code = app(args=args, prog_name="kdcli", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except KdcliError as err:
         if debug:
             traceback.print_exc()
@@ -234,12 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     except QualityGateFailed as err:
         _report_error(str(err))
         return err.exit_code
-    except click.exceptions.Exit as err:
+    except typer.Exit as err:
         return err.exit_code
-    except click.ClickException as err:
-        err.show()
+    except typer.TyperException as err:  # usage: unknown option, missing argument, bad value
+        show = getattr(err, "show", None)
+        show() if show else _report_error(err.format_message())
         return 2
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         _report_error("interrupted")
         return 130
     except Exception as err:  # a bug in kdcli, not the user's input

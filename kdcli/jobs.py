@@ -20,7 +20,7 @@ from kdcli.engine import Listener, TrainingData
 from kdcli.errors import KdcliError
 from kdcli.evaluate import predict, topk_accuracy
 from kdcli.fsio import write_text
-from kdcli.pipeline import Models, run_stages
+from kdcli.pipeline import Models, check_plan, run_stages
 from kdcli.recipe import DataSettings, Recipe
 from kdcli.report import stage_entry, write_report
 
@@ -35,20 +35,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_out(out: Path, force: bool) -> Path:
-    """Create the output folder; refuse a non-empty one unless forced; prove it is writable before training."""
+def check_out(out: Path, force: bool) -> Path:
+    """Refuse an output folder that is a file, non-empty (unless forced) or not writable; create nothing yet."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise KdcliError(f"--out {out} is a file; pass a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise KdcliError(f"--out {out} is not empty; pass --force to overwrite it, or choose a new folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".kdcli-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise KdcliError(f"--out {out} is not writable ({err.strerror or err}); choose another folder") from err
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KdcliError(f"--out {out}: {existing} is not writable; choose another folder")
     return out
 
 
@@ -143,7 +139,7 @@ def train_student(
     """distill (with a teacher) or train (without): run the recipe, write the student and the report."""
     started = time.perf_counter()
     device = resolve_device(device_name)
-    out = prepare_out(out, force)
+    out = check_out(out, force)
     teacher = load_checkpoint(teacher_ref, teacher_arch, "teacher", "--teacher-arch") if teacher_ref else None
     source = open_data(data_spec)
     if teacher and teacher.num_classes != source.num_classes:
@@ -177,11 +173,13 @@ def train_student(
         val_loader=eval_loader(EvalView(source.val, config), settings.eval_batch_size, settings.workers),
         batch_size=settings.batch_size, workers=settings.workers, seed=recipe.seed,
     )
+    models = Models(student.model, student.pretrained, teacher.model if teacher else None, config.image_size)
+    all_losses = check_plan(recipe, models)
+    out.mkdir(parents=True, exist_ok=True)
     teacher_eval = None
     if teacher:
         teacher_eval = evaluate(teacher.model, source, config, settings.eval_batch_size, settings.workers, device, adapter)
-    models = Models(student.model, student.pretrained, teacher.model if teacher else None, config.image_size)
-    outcomes = run_stages(recipe, models, data, device, listener, teacher_input=adapter or (lambda x: x))
+    outcomes = run_stages(recipe, all_losses, models, data, device, listener, teacher_input=adapter or (lambda x: x))
     final = evaluate(student.model, source, config, settings.eval_batch_size, settings.workers, device)
 
     folder = out / "student" if kind == "distill" else out

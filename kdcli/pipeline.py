@@ -104,14 +104,15 @@ def _feature_shapes(model: nn.Module | None, keys: tuple[str, ...], side: str, s
 
 def run_stages(
     recipe: Recipe,
+    all_losses: list[list[tuple[str, float, Method]]],
     models: Models,
     data: TrainingData,
     device: torch.device,
     listener: Listener,
     teacher_input=lambda x: x,
 ) -> list[StageOutcome]:
-    """Train the student through every stage; each anchored stage is held to the student as it entered it."""
-    all_losses = check_plan(recipe, models)
+    """Train the student through every stage (losses from check_plan); each anchored stage is held to the
+    student as it entered it."""
     outcomes = []
     for index, (stage, losses) in enumerate(zip(recipe.stages, all_losses)):
         for _, _, method in losses:
