@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
@@ -232,37 +233,33 @@ def _synthetic_source(spec: str) -> DataSource:
 
 
 def synthetic_images(n: int, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded 10-class 32×32 task, no files: five pairs of classes share a colour and a layout of blobs and
-    differ only in the orientation and frequency of a grating texture inside them; position, scale, contrast,
-    background and noise vary per image. Coarse cues give the pair, fine ones the class, so capacity shows."""
-    size, classes = SYNTHETIC_SIZE, SYNTHETIC_CLASSES
-    spec = torch.Generator().manual_seed(1234)  # the classes: identical in every split
-    pair = torch.arange(classes) // 2
-    pair_centres = torch.rand(classes // 2, 3, 2, generator=spec) * 0.6 + 0.2
-    pair_colour = torch.rand(classes // 2, 3, generator=spec)
-    orientation = torch.rand(classes, generator=spec) * math.pi
-    frequency = 0.25 + 0.2 * torch.rand(classes, generator=spec)
+    """A seeded 10-class 32×32 task, no files. Each class is a union of 12 smooth random colour patterns;
+    an image shows one pattern of its class (shifted, contrast-jittered, noisy) blended with up to 50% of a
+    random pattern of any class. Recognising 120 patterns through the blend takes capacity, so a small
+    student alone trails a bigger teacher, and the teacher's soft outputs carry what the blend hides."""
+    size, classes, patterns, margin = SYNTHETIC_SIZE, SYNTHETIC_CLASSES, 12, 8
+    spec = torch.Generator().manual_seed(1234)  # the patterns: identical in every split
+    coarse = torch.rand(classes * patterns, 3, 6, 6, generator=spec)
+    bank = F.interpolate(coarse, size=size + margin, mode="bicubic", align_corners=False).clamp(0, 1)
 
     g = torch.Generator().manual_seed(split_seed)
-    y = torch.randint(0, classes, (n,), generator=g)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    centres = pair_centres[pair[y]] + (torch.rand(n, 1, 2, generator=g) - 0.5) * 0.3
-    sigma = 0.08 + 0.04 * torch.rand(n, 3, 1, 1, generator=g)
-    dist2 = (yy - centres[..., 0, None, None]) ** 2 + (xx - centres[..., 1, None, None]) ** 2
-    mask = torch.exp(-dist2 / (2 * sigma**2)).amax(1)
-    theta = orientation[y] + 0.25 * torch.randn(n, generator=g)
-    phase = torch.rand(n, generator=g) * 2 * math.pi
-    wave = frequency[y] * size
-    grating = torch.sin(
-        wave[:, None, None] * (xx * torch.cos(theta)[:, None, None] + yy * torch.sin(theta)[:, None, None])
-        + phase[:, None, None]
-    )
-    colour = (pair_colour[pair[y]] + 0.25 * torch.randn(n, 3, generator=g)).clamp(0, 1)
-    background = torch.rand(n, 3, 1, 1, generator=g) * 0.6
-    img = background + mask[:, None] * colour[..., None, None] * (0.6 + 0.4 * grating[:, None])
-    img = img + 0.15 * torch.randn(n, 3, size, size, generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    shown = labels * patterns + torch.randint(0, patterns, (n,), generator=g)
+    blended = torch.randint(0, classes * patterns, (n,), generator=g)
+    blend = torch.rand(n, 1, 1, 1, generator=g) * 0.5
+    dx, dy = torch.randint(0, margin + 1, (2, n), generator=g)
+    rows = (dy[:, None] + torch.arange(size))[:, :, None].expand(n, size, size)
+    cols = (dx[:, None] + torch.arange(size))[:, None, :].expand(n, size, size)
+    batch = torch.arange(n)[:, None, None]
+
+    def crop(images: torch.Tensor) -> torch.Tensor:  # the same random shift for both patterns of an image
+        return images[batch, :, rows, cols].permute(0, 3, 1, 2)
+
+    img = (1 - blend) * crop(bank[shown]) + blend * crop(bank[blended])
+    contrast = 0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)
+    img = (img - 0.5) * contrast + 0.5 + 0.1 * torch.randn(n, 3, size, size, generator=g)
     pixels = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    return pixels.numpy(), y.numpy()
+    return pixels.numpy(), labels.numpy()
 
 
 # ---------------------------------------------------------------- transforms and loaders
