@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdcli import __version__
-from kdcli.errors import KdcliError, QualityGateFailed
+from kdcli.errors import Interrupted, KdcliError, QualityGateFailed
 
 app = typer.Typer(
     name="kdcli",
@@ -100,6 +101,7 @@ def distill(
     student_arch: str = typer.Option(None, "--student-arch", help="student architecture, if its weights do not say"),
     device: str = DEVICE,
     force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out (same inputs)"),
     json_: bool = JSON,
 ) -> None:
     """Distill TEACHER into STUDENT through the recipe's stages; write the student and a report to --out."""
@@ -109,7 +111,8 @@ def distill(
     plan = load_recipe(recipe, set_ or [], seed)
     with _progress() as listener:
         report = train_student(plan, student, data, out, teacher_ref=teacher, teacher_arch=teacher_arch,
-                               student_arch=student_arch, device_name=device, force=force, listener=listener)
+                               student_arch=student_arch, device_name=device, force=force, resume=resume,
+                               listener=listener)
     _print_json(report) if json_ else _print_run(report, out)
 
 
@@ -125,6 +128,7 @@ def train(
     arch_flag: str = typer.Option(None, "--arch", help="architecture of ARCH's weights, if they do not say"),
     device: str = DEVICE,
     force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out (same inputs)"),
     json_: bool = JSON,
 ) -> None:
     """Plain supervised training, no teacher: for teachers and baselines."""
@@ -138,7 +142,7 @@ def train(
         plan = plan.model_copy(update={"stages": [s.model_copy(update={"epochs": epochs}) for s in plan.stages]})
     with _progress() as listener:
         report = train_student(plan, arch, data, out, student_arch=arch_flag, device_name=device, force=force,
-                               listener=listener, kind="train")
+                               resume=resume, listener=listener, kind="train")
     _print_json(report) if json_ else _print_run(report, out)
 
 
@@ -267,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except QualityGateFailed as err:
         _report_error(str(err))
+        return err.exit_code
+    except Interrupted as err:
+        again = [a for a in args if a != "--force"] + ([] if "--resume" in args else ["--resume"])
+        _report_error(f"{err}; resume with: {shlex.join(['kdcli', *again])}")
         return err.exit_code
     except typer.Exit as err:
         return err.exit_code

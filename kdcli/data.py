@@ -329,19 +329,21 @@ class EvalView(Dataset):
         return self.transform(img), label
 
 
-def train_loader(view: TrainView, batch_size: int, seed: int, epoch: int, workers: int) -> DataLoader:
-    """The loader of one epoch: order and augmentation depend on (seed, epoch) only."""
+def epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch, a seeded shuffle; no size-1 tail batch (batch norm cannot train on it)."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    batches = [order[i : i + batch_size] for i in range(0, size, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def train_loader(view: TrainView, batch_size: int, seed: int, epoch: int, workers: int,
+                 start_batch: int = 0) -> DataLoader:
+    """The loader of one epoch from its start_batch-th batch: order and views depend on (seed, epoch) only."""
     view.epoch = epoch
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return DataLoader(
-        view,
-        batch_size=batch_size,
-        shuffle=True,
-        generator=generator,
-        num_workers=workers,
-        drop_last=len(view) > batch_size,  # no size-1 tail batch for batch norm
-        persistent_workers=False,
-    )
+    batches = epoch_batches(len(view), batch_size, seed, epoch)[start_batch:]
+    return DataLoader(view, batch_sampler=batches, num_workers=workers)
 
 
 def eval_loader(view: EvalView, batch_size: int, workers: int) -> DataLoader:

@@ -14,7 +14,7 @@ from torch import nn
 
 from kdcli import taps
 from kdcli.anchor import anchor_loss, sample_weights
-from kdcli.data import TrainView, train_loader
+from kdcli.data import TrainView, epoch_batches, train_loader
 from kdcli.errors import KdcliError
 from kdcli.evaluate import predict, topk_accuracy
 from kdcli.methods import Method, Needs, StepInputs
@@ -62,6 +62,24 @@ class EpochRecord:
 
 
 @dataclass
+class EpochSums:
+    """Running loss sums of the epoch in progress; carried across a mid-epoch resume."""
+
+    terms: dict[str, float] = field(default_factory=dict)
+    seen: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: the next step to run."""
+
+    stage: int
+    epoch: int = 0
+    step: int = 0
+
+
+@dataclass
 class TrainingData:
     view: TrainView
     val_loader: torch.utils.data.DataLoader
@@ -76,10 +94,19 @@ class Listener(Protocol):
     def epoch_done(self, record: EpochRecord) -> None: ...
 
 
-@dataclass
-class StageResult:
-    history: list[EpochRecord] = field(default_factory=list)
-    seconds: float = 0.0
+class Control(Protocol):
+    """How the stage loop saves its state and learns that it should stop."""
+
+    def save(self, runner: StageRunner, position: Position, sums: EpochSums | None) -> None: ...
+    def stop_requested(self) -> bool: ...
+
+
+class StopRequested(Exception):
+    """A stop signal arrived; the state at `position` was saved before this was raised."""
+
+    def __init__(self, position: Position):
+        super().__init__(f"stopped before stage {position.stage} epoch {position.epoch} step {position.step}")
+        self.position = position
 
 
 def make_optimizer(settings, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -102,60 +129,89 @@ def lr_factor(settings, step: int, total: int, steps_per_epoch: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def run_stage(plan: StagePlan, data: TrainingData, device: torch.device, listener: Listener) -> StageResult:
-    needs = plan.needs()
-    steps_per_epoch = len(train_loader(data.view, data.batch_size, data.seed, 0, 0))
-    total_steps = steps_per_epoch * plan.epochs
-    optimizer = make_optimizer(plan.optimizer, plan.trainable())
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(plan.schedule, step, total_steps, steps_per_epoch)
-    )
-    amp = _Amp(device)
-    result = StageResult()
-    listener.stage_started(plan, steps_per_epoch)
-    started = time.perf_counter()
-    for epoch in range(plan.epochs):
-        epoch_started = time.perf_counter()
+class StageRunner:
+    """One stage: a fresh optimizer and schedule, epochs of steps, validation after each epoch."""
+
+    def __init__(self, plan: StagePlan, data: TrainingData, device: torch.device, listener: Listener):
+        self.plan, self.data, self.device, self.listener = plan, data, device, listener
+        self.needs = plan.needs()
+        self.seed = data.seed + 7919 * plan.index  # each stage its own data order
+        self.steps_per_epoch = len(epoch_batches(len(data.view), data.batch_size, self.seed, 0))
+        total = self.steps_per_epoch * plan.epochs
+        self.optimizer = make_optimizer(plan.optimizer, plan.trainable())
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(plan.schedule, step, total, self.steps_per_epoch)
+        )
+        self.amp = _Amp(device)
+
+    def state(self) -> dict:
+        """Optimizer, schedule and loss-scaler state (tensors inside), to save with a checkpoint."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.amp.scaler.state_dict() if self.amp.scaler else None,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.amp.scaler and state.get("scaler"):
+            self.amp.scaler.load_state_dict(state["scaler"])
+
+    def run(self, start: Position, sums: EpochSums | None, history: list[EpochRecord], control: Control) -> None:
+        """Train from `start` to the end of the stage, appending one record per epoch to history."""
+        plan = self.plan
+        self.listener.stage_started(plan, self.steps_per_epoch)
+        for epoch in range(start.epoch, plan.epochs):
+            first_step = start.step if epoch == start.epoch else 0
+            sums = sums if epoch == start.epoch and sums is not None else EpochSums()
+            history.append(self._epoch(epoch, first_step, sums, control))
+            self.listener.epoch_done(history[-1])
+            control.save(self, Position(plan.index, epoch + 1, 0), None)
+
+    def _epoch(self, epoch: int, first_step: int, sums: EpochSums, control: Control) -> EpochRecord:
+        plan = self.plan
+        started = time.perf_counter()
         plan.student.train()
         for _, _, method in plan.losses:
             method.train()
-        sums: dict[str, float] = {}
-        seen = 0
-        loader = train_loader(data.view, data.batch_size, data.seed + 7919 * plan.index, epoch, data.workers)
-        for step, (images, labels) in enumerate(loader):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with amp.autocast():
-                terms = _loss_terms(plan, needs, images, labels, epoch)
+        loader = train_loader(self.data.view, self.data.batch_size, self.seed, epoch, self.data.workers, first_step)
+        for step, (images, labels) in enumerate(loader, start=first_step):
+            if control.stop_requested():
+                sums.seconds += time.perf_counter() - started
+                position = Position(plan.index, epoch, step)
+                control.save(self, position, sums)
+                raise StopRequested(position)
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            with self.amp.autocast():
+                terms = loss_terms(plan, self.needs, images, labels, epoch)
             loss = sum(terms.values())
             if not torch.isfinite(loss):
                 bad = next((n for n, t in terms.items() if not torch.isfinite(t)), "total")
                 raise KdcliError(
                     f"stage '{plan.name}' epoch {epoch + 1} step {step + 1}: loss term '{bad}' is not finite; "
-                    "lower the learning rate or that term's weight"
+                    "the last good checkpoint is kept; lower the learning rate or that term's weight"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            amp.backward(loss, optimizer)
-            schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.amp.backward(loss, self.optimizer)
+            self.schedule.step()
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.item() * len(labels)
-            seen += len(labels)
-            listener.step_done()
-        val_logits, val_labels = predict(plan.student, data.val_loader, device)
-        record = EpochRecord(
+                sums.terms[name] = sums.terms.get(name, 0.0) + value.item() * len(labels)
+            sums.seen += len(labels)
+            self.listener.step_done()
+        val_logits, val_labels = predict(plan.student, self.data.val_loader, self.device)
+        seen = max(sums.seen, 1)
+        return EpochRecord(
             stage=plan.name, epoch=epoch + 1, epochs=plan.epochs,
-            train_loss=sum(sums.values()) / max(seen, 1),
-            terms={name: total / max(seen, 1) for name, total in sums.items()},
+            train_loss=sum(sums.terms.values()) / seen,
+            terms={name: total / seen for name, total in sums.terms.items()},
             val_top1=topk_accuracy(val_logits, val_labels, 1),
-            lr=optimizer.param_groups[0]["lr"],
-            seconds=time.perf_counter() - epoch_started,
+            lr=self.optimizer.param_groups[0]["lr"],
+            seconds=sums.seconds + time.perf_counter() - started,
         )
-        result.history.append(record)
-        listener.epoch_done(record)
-    result.seconds = time.perf_counter() - started
-    return result
 
 
-def _loss_terms(
+def loss_terms(
     plan: StagePlan, needs: Needs, images: torch.Tensor, labels: torch.Tensor, epoch: int
 ) -> dict[str, torch.Tensor]:
     """Forward student (and teacher/reference where needed) on the same batch; every weighted loss term."""

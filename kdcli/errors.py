@@ -18,6 +18,12 @@ class QualityGateFailed(Exception):
     exit_code = 1
 
 
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving its state: exit code 130, with how to resume."""
+
+    exit_code = 130
+
+
 def close_matches(word: str, choices: Iterable[str], n: int = 3) -> str:
     """' (did you mean a, b?)' or '' — for messages about unknown names."""
     found = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)

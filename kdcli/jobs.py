@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,14 @@ from torch import nn
 from kdcli import __version__
 from kdcli.checkpoint import LoadedModel, count_params, fresh_model, is_checkpoint_ref, load_checkpoint, save_timm_folder
 from kdcli.data import DataConfig, DataSource, EvalView, Renormalize, TrainView, eval_loader, open_data
-from kdcli.engine import Listener, TrainingData
-from kdcli.errors import KdcliError
+from kdcli.engine import Listener, StopRequested, TrainingData
+from kdcli.errors import Interrupted, KdcliError
 from kdcli.evaluate import predict, topk_accuracy
 from kdcli.fsio import write_text
-from kdcli.pipeline import Models, check_plan, run_stages
+from kdcli.pipeline import Checkpoint, Models, check_plan, restore_models, run_stages
 from kdcli.recipe import DataSettings, Recipe
 from kdcli.report import stage_entry, write_report
+from kdcli.trainstate import CHECKPOINT_NAME, StopSignals, file_digest, first_difference, read_checkpoint
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,17 +37,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_out(out: Path, force: bool) -> Path:
-    """Refuse an output folder that is a file, non-empty (unless forced) or not writable; create nothing yet."""
-    out = Path(out)
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an output folder that is a file, non-empty (unless forced) or not writable; create nothing."""
     if out.exists() and not out.is_dir():
         raise KdcliError(f"--out {out} is a file; pass a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise KdcliError(f"--out {out} is not empty; pass --force to overwrite it, or choose a new folder")
+        hint = "--resume to continue its run, " if (out / CHECKPOINT_NAME).is_file() else ""
+        raise KdcliError(f"--out {out} is not empty; pass {hint}--force to overwrite it, or choose a new folder")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise KdcliError(f"--out {out}: {existing} is not writable; choose another folder")
-    return out
+    try:  # permission bits do not tell (root, read-only mounts): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".kdcli-", dir=existing))
+    except OSError as err:
+        raise KdcliError(f"--out {out}: cannot write in {existing} ({err.strerror}); choose another folder") from err
 
 
 def arch_default_config(arch: str, native_size: int | None) -> DataConfig:
@@ -122,6 +125,54 @@ def run_info(device: torch.device, recipe: Recipe, source: DataSource, config: D
     }
 
 
+def _probe(loaded: LoadedModel, size: int, role: str, device: torch.device) -> None:
+    """One forward pass at the input size, so a size the architecture cannot take fails before training."""
+    was_training = loaded.model.training
+    try:
+        with torch.no_grad():
+            loaded.model.eval()(torch.zeros(2, 3, size, size, device=device))
+    except (RuntimeError, ValueError, AssertionError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise KdcliError(
+            f"the {role} {loaded.arch} cannot take {size}x{size} images ({reason}); set a larger data.image_size"
+        ) from err
+    finally:
+        loaded.model.train(was_training)
+
+
+def _identity(loaded: LoadedModel | None, ref: str | None) -> str | None:
+    """What must not change between a run and its resumption: weights contents, or the architecture."""
+    if loaded is None:
+        return None
+    return f"sha256:{file_digest(loaded.weights_path)[:16]}" if loaded.weights_path else f"arch:{ref}"
+
+
+def _check_same_run(out: Path, saved: dict, now: dict) -> None:
+    """Refuse to resume with other inputs than the interrupted run's, saying what differs."""
+    labels = {"kind": "the command differs", "data": "the data differs", "teacher": "the teacher's weights differ",
+              "student": "the starting student differs"}
+    for key, label in labels.items():
+        if saved.get(key) != now.get(key):
+            raise KdcliError(
+                f"cannot resume {out}: {label} from the interrupted run's "
+                f"({saved.get(key)} then, {now.get(key)} now); rerun with its inputs, or start afresh with --force"
+            )
+    difference = first_difference(saved["recipe"], now["recipe"])
+    if difference:
+        raise KdcliError(
+            f"cannot resume {out}: the recipe differs at {difference}; rerun with --recipe {out / 'recipe.yaml'} "
+            "(the recipe it ran), or start afresh with --force"
+        )
+
+
+def _open_resume(out: Path) -> tuple[dict, dict]:
+    path = Path(out) / CHECKPOINT_NAME
+    if not path.is_file():
+        reason = "it holds a finished run" if (Path(out) / "report.json").is_file() else "there is no checkpoint"
+        raise KdcliError(f"nothing to resume in {out}: {reason}; drop --resume to start a run")
+    return read_checkpoint(path)
+
+
 def train_student(
     recipe: Recipe,
     student_ref: str,
@@ -133,13 +184,18 @@ def train_student(
     student_arch: str | None = None,
     device_name: str = "auto",
     force: bool = False,
+    resume: bool = False,
     listener: Listener,
     kind: str = "distill",
 ) -> dict:
-    """distill (with a teacher) or train (without): run the recipe, write the student and the report."""
+    """distill (with a teacher) or train (without): run the recipe, checkpointing every epoch, then write the
+    student and the report. With resume, continue the interrupted run in out."""
     started = time.perf_counter()
+    out = Path(out)
     device = resolve_device(device_name)
-    out = check_out(out, force)
+    tensors, state = _open_resume(out) if resume else ({}, None)
+    if not resume:
+        check_out(out, force)
     teacher = load_checkpoint(teacher_ref, teacher_arch, "teacher", "--teacher-arch") if teacher_ref else None
     source = open_data(data_spec)
     if teacher and teacher.num_classes != source.num_classes:
@@ -160,9 +216,11 @@ def train_student(
     torch.manual_seed(recipe.seed)
     student = start or fresh_model(arch, num_classes, config.image_size)
     student.model.to(device)
+    _probe(student, config.image_size, "student", device)
     adapter = None
     if teacher:
         teacher.model.to(device).eval().requires_grad_(False)
+        _probe(teacher, config.image_size, "teacher", device)
         teacher_config = teacher.data_config or arch_default_config(teacher.arch, source.native_size)
         if (teacher_config.mean, teacher_config.std) != (config.mean, config.std):
             adapter = Renormalize(config, teacher_config).to(device)
@@ -175,16 +233,35 @@ def train_student(
     )
     models = Models(student.model, student.pretrained, teacher.model if teacher else None, config.image_size)
     all_losses = check_plan(recipe, models)
-    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = {
+        "kind": kind, "recipe": recipe.to_dict(), "data": source.description,
+        "teacher": _identity(teacher, teacher_ref), "student": _identity(student, student_ref),
+    }
+    checkpoint = Checkpoint(out / CHECKPOINT_NAME, fingerprint, tensors=tensors, state=state)
+    if checkpoint.resuming:
+        _check_same_run(out, state["fingerprint"], fingerprint)
+        restore_models(checkpoint, models, all_losses)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "recipe.yaml", recipe.to_yaml())
     teacher_eval = None
     if teacher:
         teacher_eval = evaluate(teacher.model, source, config, settings.eval_batch_size, settings.workers, device, adapter)
-    outcomes = run_stages(recipe, all_losses, models, data, device, listener, teacher_input=adapter or (lambda x: x))
+    with StopSignals() as signals:
+        checkpoint.stop_requested = signals.requested
+        try:
+            outcomes = run_stages(recipe, all_losses, models, data, device, listener, checkpoint,
+                                  teacher_input=adapter or (lambda x: x))
+        except StopRequested as stop:
+            where = recipe.stages[stop.position.stage].name
+            raise Interrupted(
+                f"stopped in stage '{where}' at epoch {stop.position.epoch + 1}, step {stop.position.step + 1}; "
+                f"training state saved in {checkpoint.path}"
+            ) from None
     final = evaluate(student.model, source, config, settings.eval_batch_size, settings.workers, device)
 
     folder = out / "student" if kind == "distill" else out
     save_timm_folder(folder, student, config, source.classes, {"recipe_hash": recipe.digest()})
-    write_text(out / "recipe.yaml", recipe.to_yaml())
     report = {
         "kind": kind,
         "run": run_info(device, recipe, source, config, time.perf_counter() - started),
@@ -197,6 +274,7 @@ def train_student(
         "stages": [stage_entry(o) for o in outcomes],
     }
     write_report(out, report)
+    checkpoint.path.unlink()  # the run is complete: its outputs replace the training state
     return report
 
 

@@ -1,0 +1,157 @@
+"""Nothing lost: a run killed at any point and resumed ends exactly like an uninterrupted one (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+import yaml
+
+from kdcli.trainstate import CHECKPOINT_NAME, STATE_KEY
+
+DATA = "synthetic:train=1024,val=128"
+RECIPE = {
+    "name": "three-stages",
+    "data": {"batch_size": 32},
+    "stages": [
+        {"name": "kd", "epochs": 2, "losses": [{"method": "kd"}]},
+        {"name": "tcp", "epochs": 2, "losses": [{"method": "kd", "temperature": 2}],
+         "anchor": {"weighting": "tcp", "lambda": 2.0}},
+        {"name": "fixed", "epochs": 2, "losses": [{"method": "kd"}, {"method": "ce", "weight": 0.5}],
+         "anchor": {"weighting": "fixed", "lambda": 0.5}},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipe") / "three.yaml"
+    path.write_text(yaml.safe_dump(RECIPE))
+    return path
+
+
+def command(teacher, recipe, out, *extra):
+    return [sys.executable, "-m", "kdcli", "distill", str(teacher), "test_efficientnet", "--data", DATA,
+            "--recipe", str(recipe), "--out", str(out), *extra]
+
+
+def position(out):
+    """(stage, epoch, step) of the checkpoint in out, or None."""
+    try:
+        with safetensors.safe_open(str(out / CHECKPOINT_NAME), "pt") as handle:
+            found = json.loads(handle.metadata()[STATE_KEY])["position"]
+        return found["stage"], found["epoch"], found["step"]
+    except (OSError, KeyError, safetensors.SafetensorError):
+        return None
+
+
+def run_until(args, out, target, sig=signal.SIGKILL):
+    """Start kdcli, send sig as soon as its checkpoint has reached target (stage, epoch); return the process."""
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        found = position(out)
+        if found and found[:2] >= target:
+            process.send_signal(sig)
+            break
+        time.sleep(0.01)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0, "the run finished before it could be interrupted"
+    return process.returncode, stderr
+
+
+def finish(args):
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def outcome(out):
+    """What must be identical: every student weight, every metric of the report (not wall times)."""
+    weights = safetensors.torch.load_file(str(out / "student/model.safetensors"))
+    report = json.loads((out / "report.json").read_text())
+    metrics = {
+        "student": (report["student"]["top1"], report["student"]["top5"]),
+        "teacher": (report["teacher"]["top1"], report["teacher"]["top5"]),
+        "stages": [[(h["epoch"], h["train_loss"], h["terms"], h["val_top1"], h["lr"]) for h in s["history"]]
+                   for s in report["stages"]],
+    }
+    return weights, metrics
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(teacher_dir, recipe_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    finish(command(teacher_dir, recipe_file, out))
+    assert not (out / CHECKPOINT_NAME).exists()  # a finished run keeps outputs, not training state
+    return outcome(out)
+
+
+def assert_same(out, expected):
+    weights, metrics = outcome(out)
+    expected_weights, expected_metrics = expected
+    assert weights.keys() == expected_weights.keys()
+    assert all(torch.equal(weights[k], expected_weights[k]) for k in weights), "student weights differ"
+    assert metrics == expected_metrics
+
+
+@pytest.mark.parametrize("targets", [[(0, 1)], [(1, 1)], [(2, 0)], [(0, 2), (2, 1)]],
+                         ids=["stage0-epoch1", "anchored-stage-mid", "stage-boundary", "killed-twice"])
+def test_sigkill_then_resume_matches_uninterrupted(teacher_dir, recipe_file, tmp_path, uninterrupted, targets):
+    out = tmp_path / "run"
+    for target in targets:
+        extra = ["--resume"] if (out / CHECKPOINT_NAME).exists() else []
+        run_until(command(teacher_dir, recipe_file, out, *extra), out, target)
+        assert position(out) is not None and not (out / "student").exists()
+    finish(command(teacher_dir, recipe_file, out, "--resume"))
+    assert_same(out, uninterrupted)
+
+
+def test_sigint_saves_exits_130_and_says_how_to_resume(teacher_dir, recipe_file, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    code, stderr = run_until(command(teacher_dir, recipe_file, out), out, (1, 1), sig=signal.SIGINT)
+    assert code == 130
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stopped in stage") and "resume with: kdcli distill" in last and "--resume" in last
+    assert "Traceback" not in stderr
+    finish(command(teacher_dir, recipe_file, out, "--resume"))
+    assert_same(out, uninterrupted)
+
+
+def test_resume_refuses_other_inputs(teacher_dir, recipe_file, tmp_path, cli):
+    out = tmp_path / "run"
+    run_until(command(teacher_dir, recipe_file, out), out, (0, 1))
+    base = ["distill", teacher_dir, "test_efficientnet", "--data", DATA, "--out", out, "--resume"]
+
+    other_recipe = cli(*base, "--recipe", recipe_file, "--set", "stages.1.epochs=3")
+    assert other_recipe.code == 2 and "the recipe differs at stages.1.epochs: 2 in the interrupted run, 3 now" in other_recipe.err
+
+    other_teacher_dir = tmp_path / "other-teacher"
+    assert cli("train", "test_resnet", "--data", DATA, "--out", other_teacher_dir, "--epochs", "1").code == 0
+    other_teacher = cli("distill", other_teacher_dir, *base[2:], "--recipe", recipe_file)
+    assert other_teacher.code == 2 and "the teacher's weights differ from the interrupted run's" in other_teacher.err
+
+    other_data = cli(*[a if a != DATA else "synthetic:train=512,val=128" for a in base], "--recipe", recipe_file)
+    assert other_data.code == 2 and "the data differs" in other_data.err
+
+    assert cli(*base, "--recipe", out / "recipe.yaml").code == 0  # the recipe as it ran resumes it
+
+
+def test_out_with_checkpoint_is_refused_without_resume(teacher_dir, recipe_file, tmp_path, cli):
+    out = tmp_path / "run"
+    run_until(command(teacher_dir, recipe_file, out), out, (0, 1))
+    refused = cli("distill", teacher_dir, "test_efficientnet", "--data", DATA, "--out", out, "--recipe", recipe_file)
+    assert refused.code == 2 and "pass --resume to continue its run, --force to overwrite it" in refused.err
+
+
+def test_nothing_to_resume(cli, tmp_path, teacher_dir):
+    result = cli("distill", teacher_dir, "test_efficientnet", "--data", DATA, "--out", tmp_path / "new", "--resume")
+    assert result.code == 2 and "nothing to resume" in result.err
