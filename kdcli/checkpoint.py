@@ -88,12 +88,18 @@ def _locate(ref: str, role: str) -> tuple[Path, dict | None]:
     """(weights file, config.json contents or None) of a checkpoint reference."""
     path = Path(ref)
     if not path.exists():
+        if timm.is_model(ref):
+            raise KdcliError(
+                f"{role} {ref} is an architecture name, but the {role} needs trained weights; train them with "
+                f"'kdcli train {ref} --data DIR --out {role}/' and pass {role}/"
+            )
         raise KdcliError(f"{role} {ref} does not exist; pass a .safetensors file or a folder with {WEIGHTS_NAME}")
     if path.is_dir():
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
             hint = f"; convert {pickles[0]} with 'kdcli convert'" if pickles else ""
+            hint = hint or "; pass a folder that kdcli train/distill/convert wrote, or the .safetensors file itself"
             raise KdcliError(f"{role} folder {ref} has no {WEIGHTS_NAME}{hint}")
     else:
         weights = path
@@ -127,7 +133,7 @@ def read_safetensors(path: Path, role: str) -> tuple[dict[str, torch.Tensor], di
         ) from err
 
 
-def _classifier_key(arch: str) -> str:
+def classifier_key(arch: str) -> str:
     cfg = get_pretrained_cfg(arch)
     classifier = cfg.classifier if cfg is not None else None
     if isinstance(classifier, (tuple, list)):
@@ -147,7 +153,7 @@ def load_checkpoint(ref: str, arch_flag: str | None, role: str, flag: str) -> Lo
             f"pass {flag} ARCH"
         )
     check_arch(arch, flag)
-    key = _classifier_key(arch)
+    key = classifier_key(arch)
     if key not in tensors:
         raise KdcliError(
             f"{role} {ref}: no classifier weight '{key}' in the file, so it is not a {arch}; pass the right {flag}"
@@ -156,7 +162,7 @@ def load_checkpoint(ref: str, arch_flag: str | None, role: str, flag: str) -> Lo
     pretrained_cfg = config.get("pretrained_cfg") or json.loads(metadata.get("data_config", "null") or "null")
     model_args = config.get("model_args") or json.loads(metadata.get("model_args", "{}"))
     model = create(arch, num_classes, model_args, flag)
-    _load_strict(model, tensors, f"{role} {ref}", arch, flag)
+    load_strict(model, tensors, f"{role} {ref}", arch, flag)
     data_config = None
     if pretrained_cfg and pretrained_cfg.get("input_size") and pretrained_cfg.get("mean"):
         data_config = DataConfig.from_pretrained_cfg(pretrained_cfg)
@@ -164,7 +170,7 @@ def load_checkpoint(ref: str, arch_flag: str | None, role: str, flag: str) -> Lo
     return LoadedModel(model, arch, num_classes, data_config, list(labels) if labels else None, model_args, weights)
 
 
-def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], what: str, arch: str, flag: str) -> None:
+def load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], what: str, arch: str, flag: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in tensors and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in tensors if k not in own]

@@ -200,6 +200,33 @@ def demo(
     out_console.print(f"distillation vs the same student alone: {gain:+.2f} top-1 points; outputs in {out}")
 
 
+@app.command()
+def convert(
+    checkpoint: str = typer.Argument(..., help="a PyTorch/timm checkpoint: .pth, .pt, .bin, .ckpt (or .safetensors)"),
+    arch: str = typer.Option(..., "--arch", help="its timm architecture"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder: model.safetensors + config.json"),
+    image_size: int = typer.Option(None, "--image-size", min=1, help="the size it was trained at [default: the arch's]"),
+    ema: bool = typer.Option(False, "--ema", help="take the EMA weights (state_dict_ema / model_ema)"),
+    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    json_: bool = JSON,
+) -> None:
+    """Turn a pickle checkpoint into a timm-layout folder, loading it with torch.load(weights_only=True) only."""
+    from kdcli.convert import convert_checkpoint
+    from kdcli.jobs import check_out
+
+    check_out(out, force)
+    summary = convert_checkpoint(checkpoint, arch, out, image_size, ema)
+    if json_:
+        _print_json(summary)
+        return
+    out_console.print(
+        f"converted {summary['tensors']} tensors from {summary['weights']} of {checkpoint}: {arch}, "
+        f"{summary['num_classes']} classes, {summary['params'] / 1e6:.3f} M params -> {out}\n"
+        f"use it: kdcli distill {out} STUDENT --data DIR   or   timm.create_model('local-dir:{out}', pretrained=True)",
+        markup=False, highlight=False, soft_wrap=True,
+    )
+
+
 @recipe_app.command("validate")
 def recipe_validate(
     files: list[str] = typer.Argument(..., help="recipe YAML files or built-in names"),
@@ -256,6 +283,13 @@ def _report_error(message: str) -> None:
     err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
+def _one_line(err: KdcliError) -> str:
+    message = str(err)
+    if "Original Traceback" in message:  # raised in a DataLoader worker: torch re-raises it wrapped in a traceback
+        message = message.strip().splitlines()[-1].partition(": ")[2]
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and maps outcomes to exit codes (0 ok, 1 gate failed, 2 bad input, 130 interrupt)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -267,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except KdcliError as err:
         if debug:
             traceback.print_exc()
-        _report_error(str(err))
+        _report_error(_one_line(err))
         return err.exit_code
     except QualityGateFailed as err:
         _report_error(str(err))

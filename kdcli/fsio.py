@@ -7,6 +7,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from kdcli.errors import KdcliError
 
 
@@ -19,9 +21,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
         tmp.unlink(missing_ok=True)
-        raise KdcliError(f"cannot write {path}: {err.strerror or err}; free space or choose another --out") from err
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        raise KdcliError(f"cannot write {path}: {reason}; free space or choose another --out") from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
 import yaml
 
-from conftest import DATA
+from conftest import DATA, Result
 
 
 def assert_one_clear_line(result, *fragments: str) -> None:
+    """Exit 2 and exactly one `error:` line, the last one (progress lines of a started run may precede it)."""
     assert result.code == 2, (result.code, result.err)
     lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.err
     assert "Traceback" not in result.err
     for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+        assert fragment in errors[0], (fragment, errors[0])
 
 
 FAST = ["--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1"]
@@ -28,8 +36,8 @@ class Call:
     def __init__(self, tmp, teacher):
         self.tmp, self.teacher, self.out = tmp, teacher, tmp / "out"
 
-    def distill(self, teacher=None, student="test_efficientnet", *extra, data=DATA):
-        return ["distill", teacher or self.teacher, student, "--data", data, "--out", self.out, *FAST, *extra]
+    def distill(self, teacher=None, student="test_efficientnet", *extra, data=DATA, out=None):
+        return ["distill", teacher or self.teacher, student, "--data", data, "--out", out or self.out, *FAST, *extra]
 
     def file(self, name, content=b""):
         path = self.tmp / name
@@ -58,34 +66,148 @@ class Call:
         return folder
 
 
-# case: (argument list, fragments the one line must contain)
+def image_folder(root, classes=10, bad=None, val_classes=None):
+    """An ImageFolder root with one tiny PNG per class and split; bad: a junk file's relative path."""
+    from PIL import Image
+
+    for split, count in (("train", classes), ("val", val_classes or classes)):
+        for index in range(count):
+            folder = root / split / f"c{index}"
+            folder.mkdir(parents=True)
+            Image.new("RGB", (8, 8), (index * 20, 0, 0)).save(folder / "0.png")
+    if bad:
+        (root / bad).write_bytes(b"not an image")
+    return root
+
+
+def image_folder_missing_class(c):
+    root = image_folder(c.tmp / "d")
+    (root / "train" / "c9" / "0.png").unlink()
+    return root
+
+
+def undecodable(c):
+    """A PNG whose header is fine but whose pixels are cut off: found only when a loader worker decodes it."""
+    from PIL import Image
+
+    root = image_folder(c.tmp / "d")
+    png = root / "train" / "c4" / "0.png"
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(png)
+    png.write_bytes(png.read_bytes()[:2000])
+    return root
+
+
+def truncated(c):
+    whole = (c.teacher / "model.safetensors").read_bytes()
+    return c.file("truncated.safetensors", whole[: len(whole) // 2])
+
+
+def teacher_with_bad_config(c):
+    folder = c.folder("badconfig")
+    (folder / "model.safetensors").write_bytes((c.teacher / "model.safetensors").read_bytes())
+    (folder / "config.json").write_text("{architecture: test_resnet")
+    return folder
+
+
+def out_is_not_empty(c):
+    c.out.mkdir()
+    (c.out / "keep.txt").write_text("mine")
+    return c.distill()
+
+
+def out_is_a_file(c):
+    c.out.write_text("mine")
+    return c.distill()
+
+
+def unknown_key_file(c):
+    path = c.tmp / "r.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"name": "a", "epochs": 1, "losses": [{"method": "kd"}], "anchr": {}}]}))
+    return ["distill", c.teacher, "test_efficientnet", "--data", DATA, "--out", c.out, "--recipe", path]
+
+
+def unsafe_pickle(c):
+    torch.save({"state_dict": {}, "optimizer": object.__new__(Call)}, c.tmp / "ckpt.pth")
+    return ["convert", c.tmp / "ckpt.pth", "--arch", "test_resnet", "--out", c.out]
+
+
+def incomplete_cifar(c):
+    folder = c.folder("cifar-10-batches-py")
+    (folder / "data_batch_1").write_bytes(b"")
+    return c.distill(data=str(c.tmp))
+
+
+# id: (argument list, fragments the one line must contain). docs/errors.md lists the same ids.
 CASES = {
-    "missing teacher": (lambda c: c.distill(c.tmp / "nope.safetensors"), ["does not exist", ".safetensors"]),
-    "folder without weights": (lambda c: c.distill(c.folder("empty")), ["has no model.safetensors"]),
-    "pickle teacher": (lambda c: c.distill(c.file("teacher.pth", b"\x80\x02")), ["pickle", "kdcli convert"]),
-    "corrupt safetensors": (
+    # checkpoints
+    "missing-file": (lambda c: c.distill(c.tmp / "nope.safetensors"), ["does not exist", ".safetensors"]),
+    "folder-without-weights": (lambda c: c.distill(c.folder("empty")), ["has no model.safetensors"]),
+    "pickle-checkpoint": (lambda c: c.distill(c.file("teacher.pth", b"\x80\x02")), ["pickle", "kdcli convert"]),
+    "corrupt-safetensors": (
         lambda c: c.distill(c.file("bad.safetensors", b"\xff" * 16)), ["not a readable safetensors file"]),
-    "unknown student arch": (
+    "truncated-safetensors": (lambda c: c.distill(truncated(c)), ["not a readable safetensors file", "re-copy"]),
+    "architecture-as-teacher": (lambda c: c.distill("resnet18"), ["architecture name", "kdcli train resnet18"]),
+    "unknown-architecture": (
         lambda c: c.distill(None, "mobilenetv2_05"), ["unknown timm architecture", "mobilenetv2_050"]),
-    "no arch anywhere": (lambda c: c.distill(c.bare_weights()), ["cannot tell its architecture", "--teacher-arch"]),
-    "weights do not fit arch": (
+    "no-architecture-anywhere": (
+        lambda c: c.distill(c.bare_weights()), ["cannot tell its architecture", "--teacher-arch"]),
+    "weights-do-not-fit": (
         lambda c: c.distill(c.bare_weights(), "test_efficientnet", "--teacher-arch", "resnet18"),
         ["does not fit resnet18", "fc.weight"]),
-    "teacher/data class mismatch": (
+    "invalid-config-json": (lambda c: c.distill(teacher_with_bad_config(c)), ["config.json is not valid JSON"]),
+    "teacher-data-classes": (
         lambda c: c.distill(c.teacher_with_classes(7)), ["teacher has 7 classes", "data has 10"]),
-    "student/teacher class mismatch": (
+    "student-teacher-classes": (
         lambda c: c.distill(None, c.teacher_with_classes(7)), ["student has 7 classes", "teacher has 10"]),
-    "first-stage anchor, random student": (
+    "unsafe-pickle-convert": (lambda c: unsafe_pickle(c), ["weights_only=True", "Unsupported global", "torch.save(model.state_dict()"]),
+    # recipe and overrides
+    "unknown-recipe": (
+        lambda c: c.distill(None, "test_efficientnet", "--recipe", "nope.yaml"), ["no recipe 'nope.yaml'"]),
+    "recipe-unknown-key": (lambda c: unknown_key_file(c), ["stages.0.anchr: unknown key", "did you mean anchor"]),
+    "recipe-wrong-type": (
+        lambda c: c.distill(None, "test_efficientnet", "--set", "stages.0.epochs=abc"),
+        ["stages.0.epochs", "valid integer", "'abc'"]),
+    "negative-epochs": (
+        lambda c: c.distill(None, "test_efficientnet", "--set", "stages.0.epochs=-2"),
+        ["stages.0.epochs", "greater than or equal to 1"]),
+    "empty-stages": (lambda c: c.distill(None, "test_efficientnet", "--set", "stages=[]"), ["stages", "at least 1"]),
+    "unknown-method": (
+        lambda c: c.distill(None, "test_efficientnet", "--set", "stages.0.losses.0.method=kdd"),
+        ["unknown method 'kdd'", "did you mean kd"]),
+    "first-stage-anchor-random-student": (
         lambda c: c.distill(None, "test_efficientnet", "--set", "stages.0.anchor.weighting=tcp"),
         ["first stage", "randomly initialised"]),
-    "bad --set path": (
+    "set-path-does-not-exist": (
         lambda c: c.distill(None, "test_efficientnet", "--set", "stages.0.epoks=1"), ["did you mean epochs"]),
-    "recipe value error": (
-        lambda c: c.distill(None, "test_efficientnet", "--set", "stages.0.epochs=-2"), ["stages.0.epochs"]),
-    "unknown recipe": (
-        lambda c: c.distill(None, "test_efficientnet", "--recipe", "nope.yaml"), ["no recipe 'nope.yaml'"]),
-    "missing data": (lambda c: c.distill(data=str(c.tmp / "nodata")), ["data folder", "does not exist"]),
-    "no cuda": (lambda c: c.distill(None, "test_efficientnet", "--device", "cuda"), ["no CUDA device"]),
+    "set-without-value": (
+        lambda c: c.distill(None, "test_efficientnet", "--set", "stages.0.epochs"), ["expected key=value"]),
+    "train-zero-epochs": (
+        lambda c: ["train", "test_resnet", "--data", DATA, "--out", c.out, "--epochs", "0"], ["--epochs 0"]),
+    "image-size-too-small": (
+        lambda c: c.distill(None, "test_vit", "--set", "data.image_size=8"), ["cannot take 8x8", "data.image_size"]),
+    # data
+    "missing-data": (lambda c: c.distill(data=str(c.tmp / "nodata")), ["data folder", "does not exist"]),
+    "data-is-a-file": (lambda c: c.distill(data=str(c.file("data.zip", b"PK"))), ["is a file"]),
+    "empty-data-folder": (lambda c: c.distill(data=str(c.folder("data"))), ["has no train/ folder"]),
+    "class-folder-without-images": (lambda c: c.distill(data=str(image_folder_missing_class(c))), ["has no images"]),
+    "train-val-classes-differ": (
+        lambda c: c.distill(data=str(image_folder(c.tmp / "d", val_classes=9))), ["different class folders", "c9"]),
+    "unreadable-image": (
+        lambda c: c.distill(data=str(image_folder(c.tmp / "d", bad="train/c3/broken.jpg"))),
+        ["cannot read image", "broken.jpg", "remove or replace"]),
+    "image-fails-to-decode": (
+        lambda c: c.distill(None, "test_efficientnet", "--set", "data.workers=1", data=str(undecodable(c))),
+        ["cannot read image", "0.png", "remove or replace"]),
+    "incomplete-cifar": (lambda c: incomplete_cifar(c), ["incomplete", "data_batch_2"]),
+    "bad-synthetic-spec": (lambda c: c.distill(data="synthetic:train=x"), ["synthetic:train=N,val=M"]),
+    # output and machine
+    "out-not-empty": (lambda c: out_is_not_empty(c), ["not empty", "--force"]),
+    "out-is-a-file": (lambda c: out_is_a_file(c), ["is a file"]),
+    "out-not-writable": (
+        lambda c: c.distill(out="/sys/kdcli-out"), ["cannot write in /sys", "choose another folder"]),
+    "nothing-to-resume": (lambda c: c.distill(None, "test_efficientnet", "--resume"), ["nothing to resume"]),
+    "no-cuda": (lambda c: c.distill(None, "test_efficientnet", "--device", "cuda"), ["no CUDA device"]),
 }
 
 
@@ -94,18 +216,38 @@ def call(tmp_path, teacher_dir):
     return Call(tmp_path, teacher_dir)
 
 
+def _listing(path):
+    return sorted(p.name for p in path.iterdir()) if path.is_dir() else path.read_bytes() if path.exists() else None
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_gives_one_line_and_exit_2(cli, call, case):
+def test_bad_input_gives_one_line_exit_2_and_writes_nothing(cli, call, case):
     build, fragments = CASES[case]
-    assert_one_clear_line(cli(*build(call)), *fragments)
+    args = build(call)
+    before = _listing(call.out)
+    assert_one_clear_line(cli(*args), *fragments)
+    assert _listing(call.out) == before
+
+
+def test_disk_full_while_writing_leaves_nothing(call, tmp_path):
+    """A file-size limit makes every write past 64 KiB fail with EFBIG, as a full disk fails with ENOSPC."""
+    limit = 64 * 1024
+    code = (
+        "import resource, sys; from kdcli.cli import main; "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); sys.exit(main(sys.argv[1:]))"
+    )
+    args = [str(a) for a in call.distill()]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert_one_clear_line(Result(result.returncode, result.stdout, result.stderr), "cannot write", "free space")
     assert not call.out.exists()
 
 
-def test_out_not_empty_is_refused_without_force(cli, call):
-    call.out.mkdir()
-    (call.out / "keep.txt").write_text("mine")
-    assert_one_clear_line(cli(*call.distill()), "not empty", "--force")
-    assert [p.name for p in call.out.iterdir()] == ["keep.txt"]
+def test_the_docs_table_lists_exactly_the_tested_cases():
+    table = (Path(__file__).parent.parent / "docs" / "errors.md").read_text(encoding="utf-8")
+    documented = re.findall(r"^\| `([a-z0-9-]+)` \|", table, flags=re.M)
+    assert len(documented) == len(set(documented))
+    assert set(documented) == set(CASES) | {"disk-full"}
+    assert len(documented) >= 25
 
 
 def test_debug_shows_the_traceback(cli, tmp_path):
@@ -116,10 +258,3 @@ def test_debug_shows_the_traceback(cli, tmp_path):
 def test_usage_errors_exit_2(cli):
     assert cli("distill").code == 2
     assert cli("no-such-command").code == 2
-
-
-def test_recipe_file_with_unknown_key(cli, call):
-    path = call.tmp / "r.yaml"
-    path.write_text(yaml.safe_dump({"stages": [{"name": "a", "epochs": 1, "losses": [{"method": "kd"}], "anchr": {}}]}))
-    args = ["distill", call.teacher, "test_efficientnet", "--data", DATA, "--out", call.out, "--recipe", path]
-    assert_one_clear_line(cli(*args), "stages.0.anchr: unknown key", "did you mean anchor")
