@@ -155,3 +155,15 @@ def test_out_with_checkpoint_is_refused_without_resume(teacher_dir, recipe_file,
 def test_nothing_to_resume(cli, tmp_path, teacher_dir):
     result = cli("distill", teacher_dir, "test_efficientnet", "--data", DATA, "--out", tmp_path / "new", "--resume")
     assert result.code == 2 and "nothing to resume" in result.err
+
+
+def test_non_finite_loss_stops_with_exit_2_and_keeps_the_last_checkpoint(cli, teacher_dir, recipe_file, tmp_path):
+    out = tmp_path / "run"
+    result = cli("distill", teacher_dir, "test_efficientnet", "--data", DATA, "--recipe", recipe_file, "--out", out,
+                 "--set", "stages.0.epochs=1", "--set", "stages.1.optimizer.lr=1e30")
+    assert result.code == 2 and "Traceback" not in result.err
+    line = result.err.strip().splitlines()[-1]
+    assert line.startswith("error: stage 'tcp' epoch 1 step ") and "is not finite" in line, line
+    assert "loss term '" in line and "last good checkpoint is kept" in line
+    assert position(out)[0] <= 1  # the state at the end of the first stage is still there
+    assert not (out / "student").exists() and not (out / "report.json").exists()
