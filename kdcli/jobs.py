@@ -271,12 +271,21 @@ def eval_checkpoint(
 ) -> dict:
     """Assess a checkpoint (against a teacher and a baseline, if given); with out, write the report there.
     Applies the gate last: QualityGateFailed carries the finished report."""
-    started = time.perf_counter()
     check_gate_options(min_top1, max_drop, teacher_ref is not None)
-    if threads is not None:
-        if threads < 1:
-            raise KdcliError(f"--threads {threads}: must be 1 or more")
-        torch.set_num_threads(threads)
+    if threads is not None and threads < 1:
+        raise KdcliError(f"--threads {threads}: must be 1 or more")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        return _eval(ref, data_spec, arch, batch_size, workers, device_name, teacher_ref, teacher_arch, baseline_ref,
+                     baseline_arch, out, force, min_top1, max_drop)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _eval(ref, data_spec, arch, batch_size, workers, device_name, teacher_ref, teacher_arch, baseline_ref,
+          baseline_arch, out, force, min_top1, max_drop) -> dict:
+    started = time.perf_counter()
     device = resolve_device(device_name)
     if out is not None:
         check_out(Path(out), force)

@@ -79,16 +79,22 @@ def _count(n: int | None) -> str:
     return str(n)
 
 
+def _times(ratio: float, better: str, worse: str) -> str:
+    """'**5.2×** fewer parameters' for a ratio of 5.2, '**2.0×** more parameters' for 0.5."""
+    return f"**{ratio:.1f}×** {better}" if ratio >= 1 else f"**{1 / ratio:.1f}×** {worse}"
+
+
 def headline(report: dict) -> str:
+    """'The student keeps 97.4% of teacher top-1 with 5.2× fewer parameters, 3.1× faster at batch 1.'"""
     student, teacher, baseline, c = report["student"], report.get("teacher"), report.get("baseline"), report["comparison"]
     if teacher and c["retention"] is not None:
         text = (f"The student keeps **{c['retention']:.1f}%** of teacher top-1 ({student['top1']:.2f} vs "
                 f"{teacher['top1']:.2f})")
         costs = []
         if c["param_ratio"]:
-            costs.append(f"**{c['param_ratio']:.1f}×** fewer parameters")
+            costs.append(_times(c["param_ratio"], "fewer parameters", "more parameters"))
         if c["speedup"]:
-            costs.append(f"**{c['speedup']:.1f}×** faster at batch 1")
+            costs.append(_times(c["speedup"], "faster at batch 1", "slower at batch 1"))
         text += " with " + ", ".join(costs) if costs else ""
     else:
         text = f"The student ({student['arch']}) reaches **{student['top1']:.2f}%** top-1"
