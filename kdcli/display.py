@@ -75,14 +75,13 @@ def print_eval(report: dict, checkpoint: str, out: Path | None) -> None:
 
 def print_demo(reports: dict, out: Path) -> None:
     table = Table(title=f"kdcli demo: {reports['teacher']['run']['data']}")
-    for column in ("model", "arch", "epochs", "top-1 %", "params", "file", "ms @1", "train time"):
+    for column in ("model", "arch", "epochs", "top-1 %", "params", "file", "train time"):
         table.add_column(column, justify="left" if column in ("model", "arch") else "right")
     for label, report in reports.items():
         entry = report["student"]
         epochs = sum(stage["epochs"] for stage in report["stages"])
         table.add_row(label, entry["arch"], str(epochs), f"{entry['top1']:.2f}", f"{entry['params'] / 1e6:.3f} M",
-                      f"{entry['file_bytes'] / 2**20:.2f} MiB", _cell(entry["latency"]["median_ms"], 3),
-                      f"{report['run']['seconds']:.0f}s")
+                      f"{entry['file_bytes'] / 2**20:.2f} MiB", f"{report['run']['seconds']:.0f}s")
     out_console.print(table)
     distilled = reports["distilled"]
     out_console.print(headline(distilled).replace("**", ""), markup=False, highlight=False, soft_wrap=True)
