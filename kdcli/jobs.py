@@ -230,10 +230,7 @@ def train_student(
             ) from None
     folder = out / "student" if kind == "distill" else out
     save_timm_folder(folder, student, config, source.classes, {"recipe_hash": recipe.digest()})
-    teacher_subject = None
-    if teacher:
-        teacher_config = teacher.data_config or arch_default_config(teacher.arch, source.native_size)
-        teacher_subject = Subject(teacher, teacher_config, teacher.weights_path)
+    teacher_subject = Subject(teacher, teacher_config, teacher.weights_path) if teacher else None  # its own config
     evaluation = assess(source, device, settings.eval_batch_size, settings.workers,
                         Subject(student, config, folder / "model.safetensors"), teacher_subject, baseline)
     evaluation["student"]["init"] = str(start.weights_path) if start else "random"
@@ -283,8 +280,9 @@ def eval_checkpoint(
         torch.set_num_threads(previous)
 
 
-def _eval(ref, data_spec, arch, batch_size, workers, device_name, teacher_ref, teacher_arch, baseline_ref,
-          baseline_arch, out, force, min_top1, max_drop) -> dict:
+def _eval(ref: str, data_spec: str, arch: str | None, batch_size: int, workers: int, device_name: str,
+          teacher_ref: str | None, teacher_arch: str | None, baseline_ref: str | None, baseline_arch: str | None,
+          out: Path | None, force: bool, min_top1: float | None, max_drop: float | None) -> dict:
     started = time.perf_counter()
     device = resolve_device(device_name)
     if out is not None:
