@@ -99,7 +99,8 @@ def headline(report: dict) -> str:
     else:
         text = f"The student ({student['arch']}) reaches **{student['top1']:.2f}%** top-1"
     if baseline:
-        text += f"; {c['gain']['top1']:+.2f} top-1 points over the baseline ({baseline['top1']:.2f})"
+        gain = c["gain"]["top1"]
+        text += f"; {abs(gain):.2f} top-1 points {'above' if gain >= 0 else 'below'} the baseline ({baseline['top1']:.2f})"
     return text + "."
 
 
