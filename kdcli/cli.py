@@ -12,7 +12,6 @@ from pathlib import Path
 import typer
 import yaml
 from rich.console import Console
-from rich.table import Table
 
 from kdcli import __version__
 from kdcli.errors import Interrupted, KdcliError, QualityGateFailed
@@ -60,32 +59,24 @@ def _print_json(data: dict) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-def _model_table(title: str, rows: list[tuple[str, dict]]) -> Table:
-    table = Table(title=title)
-    for column in ("model", "arch", "top-1 %", "top-5 %", "params", "file"):
-        table.add_column(column, justify="left" if column in ("model", "arch") else "right")
-    for name, entry in rows:
-        size = entry.get("file_bytes")
-        table.add_row(
-            name, entry["arch"], f"{entry['top1']:.2f}", f"{entry['top5']:.2f}", f"{entry['params'] / 1e6:.3f} M",
-            f"{size / 2**20:.2f} MiB" if size else "–",
-        )
-    return table
+def _finish(job):
+    """Run a job; a failed quality gate still returns its report, with the failure to raise after printing."""
+    try:
+        return job(), None
+    except QualityGateFailed as failed:
+        return failed.report, failed
 
 
-def _print_run(report: dict, out: Path) -> None:
-    rows = [("teacher", report["teacher"])] if report.get("teacher") else []
-    rows.append(("student", report["student"]))
-    out_console.print(_model_table("Result", rows))
-    stages = Table(title="Stages")
-    for column in ("#", "stage", "epochs", "anchor", "top-1 after %", "time"):
-        stages.add_column(column, justify="left" if column in ("stage", "anchor") else "right")
-    for i, stage in enumerate(report["stages"]):
-        stages.add_row(str(i), stage["name"], str(stage["epochs"]), stage["anchor"], f"{stage['val_top1']:.2f}",
-                       f"{stage['seconds']:.1f}s")
-    out_console.print(stages)
-    where = out / "student" if report["kind"] == "distill" else out
-    out_console.print(f"student written to {where}; report in {out / 'report.md'}")
+def _show(report: dict, failed: QualityGateFailed | None, json_: bool, print_text) -> None:
+    _print_json(report) if json_ else print_text()
+    if failed is not None:
+        raise failed
+
+
+BASELINE = typer.Option(None, "--baseline", help="a baseline checkpoint (e.g. the student trained without KD) to compare with")
+BASELINE_ARCH = typer.Option(None, "--baseline-arch", help="baseline architecture, if its weights do not say")
+MIN_TOP1 = typer.Option(None, "--min-top1", help="quality gate: exit 1 when student top-1 (%) is below this")
+MAX_DROP = typer.Option(None, "--max-drop", help="quality gate: exit 1 when teacher top-1 - student top-1 exceeds these points")
 
 
 @app.command()
@@ -102,18 +93,24 @@ def distill(
     device: str = DEVICE,
     force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
     resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out (same inputs)"),
+    baseline: str = BASELINE,
+    baseline_arch: str = BASELINE_ARCH,
+    min_top1: float = MIN_TOP1,
+    max_drop: float = MAX_DROP,
     json_: bool = JSON,
 ) -> None:
     """Distill TEACHER into STUDENT through the recipe's stages; write the student and a report to --out."""
+    from kdcli.display import print_run
     from kdcli.jobs import train_student
     from kdcli.recipe import load_recipe
 
     plan = load_recipe(recipe, set_ or [], seed)
     with _progress() as listener:
-        report = train_student(plan, student, data, out, teacher_ref=teacher, teacher_arch=teacher_arch,
-                               student_arch=student_arch, device_name=device, force=force, resume=resume,
-                               listener=listener)
-    _print_json(report) if json_ else _print_run(report, out)
+        report, failed = _finish(lambda: train_student(
+            plan, student, data, out, teacher_ref=teacher, teacher_arch=teacher_arch, student_arch=student_arch,
+            device_name=device, force=force, resume=resume, listener=listener, baseline_ref=baseline,
+            baseline_arch=baseline_arch, min_top1=min_top1, max_drop=max_drop))
+    _show(report, failed, json_, lambda: print_run(report, out))
 
 
 @app.command()
@@ -129,9 +126,13 @@ def train(
     device: str = DEVICE,
     force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
     resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out (same inputs)"),
+    baseline: str = BASELINE,
+    baseline_arch: str = BASELINE_ARCH,
+    min_top1: float = MIN_TOP1,
     json_: bool = JSON,
 ) -> None:
     """Plain supervised training, no teacher: for teachers and baselines."""
+    from kdcli.display import print_run
     from kdcli.jobs import train_student
     from kdcli.recipe import load_recipe
 
@@ -141,9 +142,10 @@ def train(
             raise KdcliError(f"--epochs {epochs}: must be 1 or more")
         plan = plan.model_copy(update={"stages": [s.model_copy(update={"epochs": epochs}) for s in plan.stages]})
     with _progress() as listener:
-        report = train_student(plan, arch, data, out, student_arch=arch_flag, device_name=device, force=force,
-                               resume=resume, listener=listener, kind="train")
-    _print_json(report) if json_ else _print_run(report, out)
+        report, failed = _finish(lambda: train_student(
+            plan, arch, data, out, student_arch=arch_flag, device_name=device, force=force, resume=resume,
+            listener=listener, kind="train", baseline_ref=baseline, baseline_arch=baseline_arch, min_top1=min_top1))
+    _show(report, failed, json_, lambda: print_run(report, out))
 
 
 @app.command("eval")
@@ -151,19 +153,30 @@ def eval_(
     checkpoint: str = typer.Argument(..., help="a .safetensors file or a timm folder"),
     data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
     arch: str = typer.Option(None, "--arch", help="architecture, if the weights do not say"),
+    teacher: str = typer.Option(None, "--teacher", help="the teacher: agreement, retention, speed-up and size ratio"),
+    teacher_arch: str = typer.Option(None, "--teacher-arch", help="teacher architecture, if its weights do not say"),
+    baseline: str = BASELINE,
+    baseline_arch: str = BASELINE_ARCH,
+    out: Path = typer.Option(None, "--out", "-o", help="write report.json, report.md and reliability.png here"),
+    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    min_top1: float = MIN_TOP1,
+    max_drop: float = MAX_DROP,
+    threads: int = typer.Option(None, "--threads", help="CPU threads for evaluation and timing [default: torch's]"),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     workers: int = typer.Option(0, "--workers", min=0),
     device: str = DEVICE,
     json_: bool = JSON,
 ) -> None:
-    """Top-1, top-5, parameters and size of any timm safetensors checkpoint on the validation split."""
+    """Accuracy (top-1, top-5, NLL, ECE) and cost of a checkpoint on the validation split; with a teacher and a
+    baseline, how it compares; a quality gate for CI."""
+    from kdcli.display import print_eval
     from kdcli.jobs import eval_checkpoint
 
-    result = eval_checkpoint(checkpoint, data, arch, batch_size, workers, device)
-    if json_:
-        _print_json(result)
-    else:
-        out_console.print(_model_table(f"Evaluation on {result['data']}", [(checkpoint, result["model"])]))
+    report, failed = _finish(lambda: eval_checkpoint(
+        checkpoint, data, arch, batch_size=batch_size, workers=workers, device_name=device, teacher_ref=teacher,
+        teacher_arch=teacher_arch, baseline_ref=baseline, baseline_arch=baseline_arch, out=out, force=force,
+        min_top1=min_top1, max_drop=max_drop, threads=threads))
+    _show(report, failed, json_, lambda: print_eval(report, checkpoint, out))
 
 
 @app.command()
@@ -187,17 +200,9 @@ def demo(
     if json_:
         _print_json(reports)
         return
-    table = Table(title=f"kdcli demo: {reports['teacher']['run']['data']}")
-    for column in ("model", "arch", "epochs", "top-1 %", "params", "file", "train time"):
-        table.add_column(column, justify="left" if column in ("model", "arch") else "right")
-    for label, report in reports.items():
-        entry = report["student"]
-        epochs = sum(stage["epochs"] for stage in report["stages"])
-        table.add_row(label, entry["arch"], str(epochs), f"{entry['top1']:.2f}", f"{entry['params'] / 1e6:.3f} M",
-                      f"{entry['file_bytes'] / 2**20:.2f} MiB", f"{report['run']['seconds']:.0f}s")
-    out_console.print(table)
-    gain = reports["distilled"]["student"]["top1"] - reports["baseline"]["student"]["top1"]
-    out_console.print(f"distillation vs the same student alone: {gain:+.2f} top-1 points; outputs in {out}")
+    from kdcli.display import print_demo
+
+    print_demo(reports, out)
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """`kdcli demo`: the whole product on the built-in synthetic data, no files, no downloads.
 
 Trains a teacher, trains the student alone as a baseline, distills the same student with the default
-recipe for the same number of epochs, and returns the three reports side by side.
+recipe for the same number of epochs (its report compares it with the teacher and the baseline), and returns
+the three reports side by side.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def run_demo(out: Path, data: str, teacher_arch: str, student_arch: str, device:
     }
     reports = {}
     for label, (recipe, arch, teacher, kind) in runs.items():
+        baseline = str(out / "baseline") if label == "distilled" else None  # the distilled report compares with it
         with progress(label) as listener:
             reports[label] = train_student(recipe, arch, data, out / label, teacher_ref=teacher, device_name=device,
-                                           force=force, listener=listener, kind=kind)
+                                           force=force, listener=listener, kind=kind, baseline_ref=baseline)
     return reports

@@ -13,9 +13,13 @@ class KdcliError(Exception):
 
 
 class QualityGateFailed(Exception):
-    """A quality gate failed: everything was written, the run exits 1."""
+    """A quality gate failed: everything was written, the run exits 1. Carries the report for printing."""
 
     exit_code = 1
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
 
 
 class Interrupted(Exception):

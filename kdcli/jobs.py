@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 from timm.models import get_pretrained_cfg
-from torch import nn
 
-from kdcli import __version__
-from kdcli.checkpoint import LoadedModel, count_params, fresh_model, is_checkpoint_ref, load_checkpoint, save_timm_folder
+from kdcli.assess import Subject, assess, run_info
+from kdcli.checkpoint import LoadedModel, fresh_model, is_checkpoint_ref, load_checkpoint, save_timm_folder
 from kdcli.data import DataConfig, DataSource, EvalView, Renormalize, TrainView, eval_loader, open_data
 from kdcli.engine import Listener, StopRequested, TrainingData
 from kdcli.errors import Interrupted, KdcliError
-from kdcli.evaluate import predict, topk_accuracy
 from kdcli.fsio import write_text
+from kdcli.gate import check_gate_options, enforce, gate_result
 from kdcli.pipeline import Checkpoint, Models, check_plan, restore_models, run_stages
 from kdcli.recipe import DataSettings, Recipe
-from kdcli.report import stage_entry, write_report
+from kdcli.report import stage_entry, stamp, write_report
 from kdcli.trainstate import CHECKPOINT_NAME, StopSignals, file_digest, first_difference, read_checkpoint
 
 
@@ -83,46 +79,16 @@ def student_data_config(
     return config
 
 
-@dataclass
-class Evaluated:
-    top1: float
-    top5: float
-    logits: torch.Tensor
-    labels: torch.Tensor
-
-
-def evaluate(model: nn.Module, source: DataSource, config: DataConfig, batch_size: int, workers: int,
-             device: torch.device, adapter: nn.Module | None = None) -> Evaluated:
-    loader = eval_loader(EvalView(source.val, config), batch_size, workers)
-    model = nn.Sequential(adapter, model) if adapter is not None else model
-    logits, labels = predict(model, loader, device)
-    return Evaluated(topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5), logits, labels)
-
-
-def model_entry(loaded: LoadedModel, evaluated: Evaluated | None, path: Path | None) -> dict:
-    return {
-        "arch": loaded.arch,
-        "path": str(path) if path else None,
-        "params": count_params(loaded.model),
-        "file_bytes": path.stat().st_size if path and path.is_file() else None,
-        "top1": evaluated.top1 if evaluated else None,
-        "top5": evaluated.top5 if evaluated else None,
-    }
-
-
-def run_info(device: torch.device, recipe: Recipe, source: DataSource, config: DataConfig, seconds: float) -> dict:
-    return {
-        "command": ["kdcli", *sys.argv[1:]],
-        "kdcli": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "seed": recipe.seed,
-        "data": source.description,
-        "data_config": config.pretrained_cfg(),
-        "seconds": round(seconds, 2),
-    }
+def _subject(ref: str, arch: str | None, role: str, flag: str, source: DataSource) -> Subject:
+    """A model to evaluate with its own preprocessing (its config.json, else its architecture's defaults)."""
+    loaded = load_checkpoint(ref, arch, role, flag)
+    if loaded.num_classes != source.num_classes:
+        raise KdcliError(
+            f"the {role} has {loaded.num_classes} classes but the data has {source.num_classes}; "
+            "evaluate it on the data it was trained for"
+        )
+    config = loaded.data_config or arch_default_config(loaded.arch, source.native_size)
+    return Subject(loaded, config, loaded.weights_path)
 
 
 def _probe(loaded: LoadedModel, size: int, role: str, device: torch.device) -> None:
@@ -187,11 +153,17 @@ def train_student(
     resume: bool = False,
     listener: Listener,
     kind: str = "distill",
+    baseline_ref: str | None = None,
+    baseline_arch: str | None = None,
+    min_top1: float | None = None,
+    max_drop: float | None = None,
 ) -> dict:
     """distill (with a teacher) or train (without): run the recipe, checkpointing every epoch, then write the
-    student and the report. With resume, continue the interrupted run in out."""
+    student, assess it (against the teacher and a baseline, if given), write the report and apply the gate
+    (QualityGateFailed after everything is written). With resume, continue the interrupted run in out."""
     started = time.perf_counter()
     out = Path(out)
+    check_gate_options(min_top1, max_drop, teacher_ref is not None)
     device = resolve_device(device_name)
     tensors, state = _open_resume(out) if resume else ({}, None)
     if not resume:
@@ -203,6 +175,7 @@ def train_student(
             f"the teacher has {teacher.num_classes} classes but the data has {source.num_classes}; "
             "pass the data the teacher was trained on, or a teacher for this data"
         )
+    baseline = _subject(baseline_ref, baseline_arch, "baseline", "--baseline-arch", source) if baseline_ref else None
     start = load_checkpoint(student_ref, student_arch, "student", "--student-arch") if is_checkpoint_ref(student_ref) else None
     num_classes = teacher.num_classes if teacher else source.num_classes
     if start and start.num_classes != num_classes:
@@ -244,9 +217,6 @@ def train_student(
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "recipe.yaml", recipe.to_yaml())
-    teacher_eval = None
-    if teacher:
-        teacher_eval = evaluate(teacher.model, source, config, settings.eval_batch_size, settings.workers, device, adapter)
     with StopSignals() as signals:
         checkpoint.stop_requested = signals.requested
         try:
@@ -258,42 +228,81 @@ def train_student(
                 f"stopped in stage '{where}' at epoch {stop.position.epoch + 1}, step {stop.position.step + 1}; "
                 f"training state saved in {checkpoint.path}"
             ) from None
-    final = evaluate(student.model, source, config, settings.eval_batch_size, settings.workers, device)
-
     folder = out / "student" if kind == "distill" else out
     save_timm_folder(folder, student, config, source.classes, {"recipe_hash": recipe.digest()})
-    report = {
+    teacher_subject = Subject(teacher, teacher_config, teacher.weights_path) if teacher else None  # its own config
+    evaluation = assess(source, device, settings.eval_batch_size, settings.workers,
+                        Subject(student, config, folder / "model.safetensors"), teacher_subject, baseline)
+    evaluation["student"]["init"] = str(start.weights_path) if start else "random"
+    report = stamp({
         "kind": kind,
-        "run": run_info(device, recipe, source, config, time.perf_counter() - started),
+        "run": run_info(device, source, config, time.perf_counter() - started, recipe.seed),
         "recipe": {"name": recipe.name, "hash": recipe.digest(), "resolved": recipe.to_dict()},
-        "teacher": model_entry(teacher, teacher_eval, teacher.weights_path) if teacher else None,
-        "student": {
-            **model_entry(student, final, folder / "model.safetensors"),
-            "init": str(start.weights_path) if start else "random",
-        },
         "stages": [stage_entry(o) for o in outcomes],
-    }
-    write_report(out, report)
+        **evaluation,
+    })
+    report["gate"] = gate_result(report, min_top1, max_drop)
+    report = write_report(out, report)
     checkpoint.path.unlink()  # the run is complete: its outputs replace the training state
+    enforce(report)
     return report
 
 
-def eval_checkpoint(ref: str, data_spec: str, arch: str | None, batch_size: int, workers: int,
-                    device_name: str) -> dict:
-    device = resolve_device(device_name)
-    loaded = load_checkpoint(ref, arch, "checkpoint", "--arch")
-    source = open_data(data_spec)
-    if loaded.num_classes != source.num_classes:
-        raise KdcliError(
-            f"the checkpoint has {loaded.num_classes} classes but the data has {source.num_classes}; "
-            "evaluate it on the data it was trained for"
-        )
-    config = loaded.data_config or arch_default_config(loaded.arch, source.native_size)
-    result = evaluate(loaded.model.to(device), source, config, batch_size, workers, device)
-    return {
-        "kind": "eval",
-        "data": source.description,
-        "data_config": config.pretrained_cfg(),
-        "model": model_entry(loaded, result, loaded.weights_path),
-    }
+def eval_checkpoint(
+    ref: str,
+    data_spec: str,
+    arch: str | None = None,
+    *,
+    batch_size: int = 256,
+    workers: int = 0,
+    device_name: str = "auto",
+    teacher_ref: str | None = None,
+    teacher_arch: str | None = None,
+    baseline_ref: str | None = None,
+    baseline_arch: str | None = None,
+    out: Path | None = None,
+    force: bool = False,
+    min_top1: float | None = None,
+    max_drop: float | None = None,
+    threads: int | None = None,
+) -> dict:
+    """Assess a checkpoint (against a teacher and a baseline, if given); with out, write the report there.
+    Applies the gate last: QualityGateFailed carries the finished report."""
+    check_gate_options(min_top1, max_drop, teacher_ref is not None)
+    if threads is not None and threads < 1:
+        raise KdcliError(f"--threads {threads}: must be 1 or more")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        return _eval(ref, data_spec, arch, batch_size, workers, device_name, teacher_ref, teacher_arch, baseline_ref,
+                     baseline_arch, out, force, min_top1, max_drop)
+    finally:
+        torch.set_num_threads(previous)
 
+
+def _eval(ref: str, data_spec: str, arch: str | None, batch_size: int, workers: int, device_name: str,
+          teacher_ref: str | None, teacher_arch: str | None, baseline_ref: str | None, baseline_arch: str | None,
+          out: Path | None, force: bool, min_top1: float | None, max_drop: float | None) -> dict:
+    started = time.perf_counter()
+    device = resolve_device(device_name)
+    if out is not None:
+        check_out(Path(out), force)
+    source = open_data(data_spec)
+    student = _subject(ref, arch, "checkpoint", "--arch", source)
+    teacher = _subject(teacher_ref, teacher_arch, "teacher", "--teacher-arch", source) if teacher_ref else None
+    baseline = _subject(baseline_ref, baseline_arch, "baseline", "--baseline-arch", source) if baseline_ref else None
+    evaluation = assess(source, device, batch_size, workers, student, teacher, baseline)
+    report = stamp({
+        "kind": "eval",
+        "run": run_info(device, source, student.config, time.perf_counter() - started),
+        "recipe": None,
+        "stages": [],
+        **evaluation,
+    })
+    report["gate"] = gate_result(report, min_top1, max_drop)
+    if out is not None:
+        report = write_report(Path(out), report)
+    else:
+        report["plots"] = {"training": None, "reliability": None}
+    enforce(report)
+    return report

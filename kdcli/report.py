@@ -1,15 +1,24 @@
-"""report.json (versioned, for machines) and report.md (the same, for people)."""
+"""report.json (versioned, validated by report.schema.json), report.md (the same, for people) and its plots."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 
 from kdcli.fsio import write_json, write_text
+from kdcli.plots import RELIABILITY_PNG, TRAINING_PNG, reliability_plot, training_plot
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+ROLES = ("student", "teacher", "baseline")
+
+
+def report_schema() -> dict:
+    """The JSON Schema report.json follows (shipped in the package)."""
+    return json.loads(resources.files("kdcli").joinpath("report.schema.json").read_text(encoding="utf-8"))
 
 
 def stage_entry(outcome) -> dict:
@@ -33,10 +42,21 @@ def stage_entry(outcome) -> dict:
     }
 
 
+def stamp(report: dict) -> dict:
+    """The report with its schema version and creation time first."""
+    return {"schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **report}
+
+
 def write_report(out: Path, report: dict) -> dict:
-    """Stamp the schema version and time, write report.json and report.md into out."""
-    report = {"schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              **report}
+    """Write the plots, report.json and report.md into out; returns the report as written."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {"training": None, "reliability": RELIABILITY_PNG}
+    if report.get("stages"):
+        training_plot(report["stages"], out / TRAINING_PNG)
+        plots["training"] = TRAINING_PNG
+    reliability_plot({role: report[role]["reliability"] for role in ROLES if report.get(role)}, out / RELIABILITY_PNG)
+    report = {**report, "plots": plots}
     write_json(out / REPORT_JSON, report)
     write_text(out / REPORT_MD, render_markdown(report))
     return report
@@ -46,44 +66,125 @@ def _mib(n: int | None) -> str:
     return "–" if n is None else f"{n / 2**20:.2f} MiB"
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{x:.2f}"
+def _num(x: float | None, digits: int = 2, suffix: str = "") -> str:
+    return "–" if x is None else f"{x:.{digits}f}{suffix}"
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "–"
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def _times(ratio: float, better: str, worse: str) -> str:
+    """'**5.2×** fewer parameters' for a ratio of 5.2, '**2.0×** more parameters' for 0.5."""
+    return f"**{ratio:.1f}×** {better}" if ratio >= 1 else f"**{1 / ratio:.1f}×** {worse}"
+
+
+def headline(report: dict) -> str:
+    """'The student keeps 97.4% of teacher top-1 with 5.2× fewer parameters, 3.1× faster at batch 1.'"""
+    student, teacher, baseline, c = report["student"], report.get("teacher"), report.get("baseline"), report["comparison"]
+    if teacher and c["retention"] is not None:
+        text = (f"The student keeps **{c['retention']:.1f}%** of teacher top-1 ({student['top1']:.2f} vs "
+                f"{teacher['top1']:.2f})")
+        costs = []
+        if c["param_ratio"]:
+            costs.append(_times(c["param_ratio"], "fewer parameters", "more parameters"))
+        if c["speedup"]:
+            costs.append(_times(c["speedup"], "faster at batch 1", "slower at batch 1"))
+        text += " with " + ", ".join(costs) if costs else ""
+    else:
+        text = f"The student ({student['arch']}) reaches **{student['top1']:.2f}%** top-1"
+    if baseline:
+        gain = c["gain"]["top1"]
+        text += f"; {abs(gain):.2f} top-1 points {'above' if gain >= 0 else 'below'} the baseline ({baseline['top1']:.2f})"
+    return text + "."
+
+
+def _metric_rows(report: dict, roles: list[str]) -> list[str]:
+    entries, c = [report[r] for r in roles], report["comparison"]
+    rows = [
+        ("architecture", [e["arch"] for e in entries]),
+        ("top-1 (%)", [_num(e["top1"]) for e in entries]),
+        ("top-5 (%)", [_num(e["top5"]) for e in entries]),
+        ("NLL", [_num(e["nll"], 4) for e in entries]),
+        ("ECE (%, 15 bins)", [_num(e["ece"]) for e in entries]),
+    ]
+    if report.get("teacher"):
+        rows.append(("agreement with teacher (%)", [_num(c["agreement"]), "–"] + ["–"] * (len(roles) - 2)))
+        rows.append(("retention of teacher top-1 (%)", [_num(c["retention"], 1)] + ["–"] * (len(roles) - 1)))
+    if report.get("baseline"):
+        rows.append(("student gain, top-1 points", [f"{c['gain']['top1']:+.2f}"] + ["–"] * (len(roles) - 1)))
+    return [f"| {name} | " + " | ".join(values) + " |" for name, values in rows]
+
+
+def _cost_rows(report: dict, roles: list[str]) -> list[str]:
+    entries = [report[r] for r in roles]
+    rows = [
+        ("parameters", [_count(e["params"]) for e in entries]),
+        ("file size", [_mib(e["file_bytes"]) for e in entries]),
+        ("input size (px)", [str(e["input_size"]) for e in entries]),
+        ("MACs per image", [_count(e["macs"]) for e in entries]),
+        ("latency, batch 1, median (ms)", [_num(e["latency"]["median_ms"], 3) for e in entries]),
+        ("latency, batch 1, p90 (ms)", [_num(e["latency"]["p90_ms"], 3) for e in entries]),
+        (f"throughput, batch {entries[0]['throughput']['batch']} (img/s)",
+         [_num(e["throughput"]["images_per_s"], 0) for e in entries]),
+    ]
+    return [f"| {name} | " + " | ".join(values) + " |" for name, values in rows]
+
+
+def _ratios(c: dict) -> str:
+    parts = [(c["param_ratio"], "fewer parameters"), (c["size_ratio"], "smaller file"), (c["macs_ratio"], "fewer MACs"),
+             (c["speedup"], "faster at batch 1"), (c["throughput_ratio"], "the teacher's throughput")]
+    return ", ".join(f"{value:.2f}× {what}" for value, what in parts if value)
 
 
 def render_markdown(report: dict) -> str:
-    run, teacher, student = report["run"], report.get("teacher"), report["student"]
-    title = "Distillation report" if report["kind"] == "distill" else "Training report"
-    lines = [f"# {title}: {student['arch']}", ""]
-    if teacher and teacher.get("top1"):
-        kept = 100 * student["top1"] / teacher["top1"]
-        ratio = teacher["params"] / student["params"]
-        lines += [
-            f"The student keeps **{kept:.1f}%** of the teacher's top-1 ({_pct(student['top1'])} vs "
-            f"{_pct(teacher['top1'])}) with **{ratio:.1f}×** fewer parameters.",
-            "",
-        ]
-    lines += ["| model | arch | top-1 | top-5 | params | file |", "|---|---|---:|---:|---:|---:|"]
-    for role, entry in (("teacher", teacher), ("student", student)):
-        if entry:
-            lines.append(
-                f"| {role} | {entry['arch']} | {_pct(entry['top1'])} | {_pct(entry['top5'])} | "
-                f"{entry['params'] / 1e6:.3f} M | {_mib(entry['file_bytes'])} |"
-            )
-    lines += ["", "## Stages", "", "| # | stage | epochs | anchor | student top-1 after | time |",
-              "|---:|---|---:|---|---:|---:|"]
-    for i, stage in enumerate(report["stages"]):
-        lines.append(
-            f"| {i} | {stage['name']} | {stage['epochs']} | {stage['anchor']} | {_pct(stage['val_top1'])} | "
-            f"{stage['seconds']:.1f} s |"
-        )
-    recipe = report["recipe"]
+    run, student = report["run"], report["student"]
+    roles = [r for r in ROLES if report.get(r)]
+    title = {"distill": "Distillation report", "train": "Training report", "eval": "Evaluation report"}[report["kind"]]
+    lines = [f"# {title}: {student['arch']}", "", headline(report), ""]
+    gate = report.get("gate")
+    if gate and (gate["min_top1"] is not None or gate["max_drop"] is not None):
+        verdict = "**passed**" if gate["passed"] else "**failed**: " + "; ".join(gate["failures"])
+        bounds = ", ".join(f"--{k.replace('_', '-')} {gate[k]:.2f}" for k in ("min_top1", "max_drop")
+                           if gate[k] is not None)
+        lines += [f"Quality gate ({bounds}): {verdict}", ""]
+    if report.get("stages"):
+        lines += ["## Stages", "", "| # | stage | epochs | anchor | student top-1 after (%) | wall time |",
+                  "|---:|---|---:|---|---:|---:|"]
+        for i, stage in enumerate(report["stages"]):
+            lines.append(f"| {i} | {stage['name']} | {stage['epochs']} | {stage['anchor']} | "
+                         f"{_num(stage['val_top1'])} | {stage['seconds']:.1f} s |")
+        lines.append("")
+    evaluation = report["evaluation"]
+    header = "| metric | " + " | ".join(roles) + " |"
+    rule = "|---|" + "---:|" * len(roles)
+    lines += ["## Metrics", "", f"On the validation split ({evaluation['samples']} images of {run['data']}).", "",
+              header, rule, *_metric_rows(report, roles), "",
+              "## Cost", "", f"Measured on {evaluation['device']}, threads: {evaluation['threads']}; "
+              f"latency after {student['latency']['warmup']} warm-up runs over {student['latency']['runs']} runs.",
+              "", header.replace("metric", "cost"), rule, *_cost_rows(report, roles), ""]
+    if report.get("teacher") and _ratios(report["comparison"]):
+        lines += [f"Against the teacher: {_ratios(report['comparison'])}.", ""]
+    plots = report.get("plots") or {}
+    if plots.get("training") or plots.get("reliability"):
+        lines += ["## Plots", ""]
+        if plots.get("training"):
+            lines += [f"![validation top-1 and training loss per epoch]({plots['training']})", ""]
+        if plots.get("reliability"):
+            lines += [f"![reliability diagram]({plots['reliability']})", ""]
+    lines += ["## Run", ""]
+    recipe = report.get("recipe")
+    if recipe:
+        lines.append(f"- recipe: `{recipe['name']}` (hash `{recipe['hash']}`; the full recipe is in `recipe.yaml`)")
+    seed = f", seed {run['seed']}" if run.get("seed") is not None else ""
     lines += [
-        "",
-        "## Run",
-        "",
-        f"- recipe: `{recipe['name']}` (hash `{recipe['hash']}`; the full recipe is in `recipe.yaml`)",
         f"- data: {run['data']}, input {run['data_config']['input_size'][-1]} px",
-        f"- device: {run['device']} ({run['threads']} threads), seed {run['seed']}, {run['seconds']:.1f} s in all",
+        f"- device: {run['device']} (threads: {run['threads']}){seed}, {run['seconds']:.1f} s in all",
         f"- kdcli {run['kdcli']}, torch {run['torch']}, timm {run['timm']}",
         f"- command: `{' '.join(run['command'])}`",
         "",

@@ -1,0 +1,90 @@
+"""Terminal output of the commands (rich tables on stdout); no logic beyond formatting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from kdcli.report import ROLES, headline
+
+out_console = Console()
+
+
+def _cell(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def model_table(title: str, report: dict) -> Table:
+    """One column per model (student, teacher, baseline), one row per metric and cost."""
+    roles = [role for role in ROLES if report.get(role)]
+    entries = [report[role] for role in roles]
+    table = Table(title=title)
+    table.add_column("")
+    for role in roles:
+        table.add_column(role, justify="right")
+    rows = [
+        ("arch", [e["arch"] for e in entries]),
+        ("top-1 %", [_cell(e["top1"]) for e in entries]),
+        ("top-5 %", [_cell(e["top5"]) for e in entries]),
+        ("NLL", [_cell(e["nll"], 4) for e in entries]),
+        ("ECE %", [_cell(e["ece"]) for e in entries]),
+        ("params", [f"{e['params'] / 1e6:.3f} M" for e in entries]),
+        ("file", [f"{e['file_bytes'] / 2**20:.2f} MiB" if e.get("file_bytes") else "–" for e in entries]),
+        ("MACs / image", [f"{e['macs'] / 1e6:.2f} M" for e in entries]),
+        ("latency @1 median ms", [_cell(e["latency"]["median_ms"], 3) for e in entries]),
+        ("latency @1 p90 ms", [_cell(e["latency"]["p90_ms"], 3) for e in entries]),
+        (f"img/s @{entries[0]['throughput']['batch']}", [_cell(e["throughput"]["images_per_s"], 0) for e in entries]),
+    ]
+    comparison = report.get("comparison") or {}
+    if comparison.get("agreement") is not None:
+        rows.append(("agreement with teacher %", [_cell(comparison["agreement"])] + [""] * (len(roles) - 1)))
+    for name, values in rows:
+        table.add_row(name, *values)
+    return table
+
+
+def _summary(report: dict) -> None:
+    out_console.print(headline(report).replace("**", ""), markup=False, highlight=False, soft_wrap=True)
+    gate = report.get("gate") or {}
+    if gate.get("min_top1") is not None or gate.get("max_drop") is not None:
+        out_console.print("quality gate: " + ("passed" if gate["passed"] else "failed"), markup=False)
+
+
+def print_run(report: dict, out: Path) -> None:
+    out_console.print(model_table("Result", report))
+    stages = Table(title="Stages")
+    for column in ("#", "stage", "epochs", "anchor", "top-1 after %", "time"):
+        stages.add_column(column, justify="left" if column in ("stage", "anchor") else "right")
+    for i, stage in enumerate(report["stages"]):
+        stages.add_row(str(i), stage["name"], str(stage["epochs"]), stage["anchor"], f"{stage['val_top1']:.2f}",
+                       f"{stage['seconds']:.1f}s")
+    out_console.print(stages)
+    _summary(report)
+    where = out / "student" if report["kind"] == "distill" else out
+    out_console.print(f"student written to {where}; report in {out / 'report.md'}", markup=False)
+
+
+def print_eval(report: dict, checkpoint: str, out: Path | None) -> None:
+    out_console.print(model_table(f"Evaluation on {report['run']['data']}", report))
+    _summary(report)
+    if out is not None:
+        out_console.print(f"report in {out / 'report.md'}", markup=False)
+
+
+def print_demo(reports: dict, out: Path) -> None:
+    table = Table(title=f"kdcli demo: {reports['teacher']['run']['data']}")
+    for column in ("model", "arch", "epochs", "top-1 %", "params", "file", "train time"):
+        table.add_column(column, justify="left" if column in ("model", "arch") else "right")
+    for label, report in reports.items():
+        entry = report["student"]
+        epochs = sum(stage["epochs"] for stage in report["stages"])
+        table.add_row(label, entry["arch"], str(epochs), f"{entry['top1']:.2f}", f"{entry['params'] / 1e6:.3f} M",
+                      f"{entry['file_bytes'] / 2**20:.2f} MiB", f"{report['run']['seconds']:.0f}s")
+    out_console.print(table)
+    distilled = reports["distilled"]
+    out_console.print(headline(distilled).replace("**", ""), markup=False, highlight=False, soft_wrap=True)
+    gain = distilled["student"]["top1"] - reports["baseline"]["student"]["top1"]
+    out_console.print(f"distillation vs the same student alone: {gain:+.2f} top-1 points; outputs in {out}",
+                      markup=False)
