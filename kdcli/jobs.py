@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -139,7 +140,19 @@ def _open_resume(out: Path) -> tuple[dict, dict]:
     return read_checkpoint(path)
 
 
-def train_student(
+def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, **options) -> dict:
+    """distill or train (see _train_student); a run that fails before its first checkpoint leaves no folder."""
+    out = Path(out)
+    fresh = not out.exists()
+    try:
+        return _train_student(recipe, student_ref, data_spec, out, **options)
+    except KdcliError:
+        if fresh and out.is_dir() and not (out / CHECKPOINT_NAME).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train_student(
     recipe: Recipe,
     student_ref: str,
     data_spec: str,

@@ -54,7 +54,7 @@ def test_converted_folder_is_a_teacher_kdcli_reads(cli, tmp_path):
     assert cli("convert", src, "--arch", "test_resnet", "--out", out, "--image-size", "32").code == 0
     result = cli("eval", out, "--data", "synthetic:train=16,val=32", "--json")
     assert result.code == 0, result.err
-    assert result.json()["model"]["arch"] == "test_resnet"
+    assert result.json()["student"]["arch"] == "test_resnet"
 
 
 class _NotATensor:
