@@ -93,7 +93,7 @@ def distill(
     teacher: str = typer.Argument(..., help="teacher: a .safetensors file or a timm folder (model.safetensors + config.json)"),
     student: str = typer.Argument(..., help="student: a timm architecture name, or a .safetensors/folder to start from"),
     data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
-    recipe: str = typer.Option(None, "--recipe", "-r", help="built-in recipe name or YAML file [default: kd-anchored]"),
+    recipe: str = typer.Option(None, "--recipe", "-r", help="built-in recipe name or YAML file [default: smskd]"),
     out: Path = typer.Option(Path("kdcli-distill"), "--out", "-o", help="output folder"),
     set_: list[str] = SET,
     seed: int = typer.Option(None, "--seed", help="overrides the recipe's seed"),

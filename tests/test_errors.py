@@ -19,7 +19,7 @@ def assert_one_clear_line(result, *fragments: str) -> None:
         assert fragment in lines[0], (fragment, lines[0])
 
 
-FAST = ["--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1"]
+FAST = ["--recipe", "kd-anchored", "--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1"]
 
 
 class Call:

@@ -26,10 +26,10 @@ def problem(tmp_path, data) -> str:
     return str(err.value)
 
 
-def test_builtins_load_and_default_is_kd_anchored():
+def test_builtins_load_and_default_is_smskd():
     assert {"kd-anchored", "supervised"} <= set(builtin_names())
     default = load_recipe(None)
-    assert default.name == "kd-anchored"
+    assert default.name == "smskd"
     assert default.stages[0].anchor.weighting == "none"
     assert all(s.anchor.weighting == "tcp" for s in default.stages[1:])
 
