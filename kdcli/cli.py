@@ -13,6 +13,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kdcli import __version__
 from kdcli.errors import Interrupted, KdcliError, QualityGateFailed
@@ -250,6 +251,54 @@ def recipe_schema() -> None:
     from kdcli.recipe import recipe_schema as schema
 
     _print_json(schema())
+
+
+@app.command()
+def methods(json_: bool = JSON) -> None:
+    """The KD methods a recipe can use: parameters, defaults, and what each one taps."""
+    from kdcli.inspection import brief, method_rows
+
+    rows = method_rows()
+    if json_:
+        _print_json({"methods": rows})
+        return
+    table = Table(title="KD methods (recipe: losses: [{method: NAME, weight: W, ...}])")
+    for column, ratio in (("method", 1), ("what", 4), ("parameters (defaults)", 4), ("reads", 2)):
+        table.add_column(column, ratio=ratio, no_wrap=column == "method")
+    for row in rows:
+        params = ", ".join(f"{k}={brief(v['default'])}" for k, v in row["parameters"].items())
+        table.add_row(*(Text(cell) for cell in (row["name"], row["summary"], params, row["reads"])))
+    out_console.print(table)
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="a timm architecture name, or a .safetensors file / timm folder"),
+    image_size: int = typer.Option(None, "--image-size", help="input size [default: the checkpoint's, else timm's]"),
+    arch: str = typer.Option(None, "--arch", help="architecture of the weights, if they do not say"),
+    num_classes: int = typer.Option(1000, "--num-classes", min=1, help="classes of an architecture named by name"),
+    json_: bool = JSON,
+) -> None:
+    """Architecture, parameters, size and the taps (index, module path, channels, reduction) of a model."""
+    from kdcli.inspection import inspect_model
+
+    info = inspect_model(model, image_size, arch, num_classes)
+    if json_:
+        _print_json(info)
+        return
+    source = "weights file" if info["from_file"] else "random init"
+    out_console.print(f"[bold]{info['arch']}[/bold] ({source}): {info['params'] / 1e6:.3f} M params, "
+                      f"{info['bytes'] / 2**20:.2f} MiB, {info['num_classes']} classes, "
+                      f"input {info['image_size']}x{info['image_size']}", highlight=False)
+    table = Table(title="taps (recipe: {feature: N}, {module: PATH} or penultimate)")
+    for column in ("tap", "module path", "channels", "reduction", f"shape at {info['image_size']}"):
+        table.add_column(column, justify="right" if column in ("channels", "reduction") else "left")
+    for tap in info["taps"]:
+        table.add_row(tap["key"], tap["module"], str(tap["channels"] or "–"),
+                      f"/{tap['reduction']}" if tap["reduction"] else "–", "×".join(map(str, tap["shape"])))
+    out_console.print(table)
+    out_console.print("any other named module also works as module:<path> (feature:-1 is the last feature)",
+                      highlight=False)
 
 
 def _report_error(message: str) -> None:
