@@ -13,6 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from kdcli.errors import KdcliError
+from kdcli.methods.functional import as_float
 from kdcli.methods.base import Method, MethodParams, Needs, StepInputs, TapPair, pairs_needs
 
 
@@ -27,6 +28,13 @@ def match_spatial(feature: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if feature.shape[-2] >= size[0] and feature.shape[-1] >= size[1]:
         return F.adaptive_avg_pool2d(feature, size)
     return F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
+
+
+def pool_to_vector(feature: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> mean over H, W; [B, N, C] -> mean over tokens; [B, C] as is."""
+    if feature.dim() == 4:
+        return feature.mean((2, 3))
+    return feature.mean(1) if feature.dim() == 3 else feature
 
 
 def _default_pairs(*indices: int) -> list[TapPair]:
@@ -46,8 +54,9 @@ class FitNets(Method):
     """Romero et al. 2015: mean squared error between connector(f_s) and f_t, summed over the tap pairs.
 
     Connector per pair: maps -> 1x1 conv + BN to the teacher's channels, then the student map is resized to the
-    teacher's (pooling if larger, bilinear if smaller); tokens (same count) or vectors -> linear layer (+ BN for
-    vectors). The connectors train with the student and are saved in training checkpoints, never exported.
+    teacher's (pooling if larger, bilinear if smaller); tokens (same count) -> linear layer; vectors -> linear + BN.
+    Features of different kinds (a ViT's tokens against a CNN's map, or different token counts) are both averaged
+    to [B, C] vectors first (over positions / tokens), then linear + BN: a pooled hint. The connectors train with the student and are saved in training checkpoints, never exported.
     """
 
     name = "fitnets"
@@ -57,37 +66,38 @@ class FitNets(Method):
     def __init__(self, params: FitNetsParams):
         super().__init__(params)
         self.connectors = nn.ModuleList()
+        self.pooled: list[bool] = []
 
     def needs(self) -> Needs:
         return pairs_needs(self.params.pairs)
 
     def setup(self, student_shapes, teacher_shapes) -> None:
         self.connectors = nn.ModuleList()
+        self.pooled = []
         for pair in self.params.pairs:
             s, t = student_shapes[pair.student], teacher_shapes[pair.teacher]
             what = f"fitnets pair {pair.student} -> {pair.teacher}"
-            if len(s) != len(t) or len(s) not in (2, 3, 4):
-                raise KdcliError(
-                    f"{what}: cannot match student {_kind(s)} {list(s[1:])} to teacher {_kind(t)} {list(t[1:])}; "
-                    "pair features of the same kind (maps with maps, tokens with tokens, or penultimate on both)"
-                )
-            if len(s) == 4:
+            if len(s) not in (2, 3, 4) or len(t) not in (2, 3, 4):
+                raise KdcliError(f"{what}: cannot use a {_kind(s)} or {_kind(t)}; tap a feature map, tokens or penultimate")
+            pooled = len(s) != len(t) or (len(s) == 3 and s[1] != t[1])
+            self.pooled.append(pooled)
+            if pooled:  # different kinds (ViT tokens vs CNN map): compare the pooled vectors
+                c_s, c_t = (shape[-1] if len(shape) == 3 else shape[1] for shape in (s, t))
+                self.connectors.append(nn.Sequential(nn.Linear(c_s, c_t, bias=False), nn.BatchNorm1d(c_t)))
+            elif len(s) == 4:
                 self.connectors.append(nn.Sequential(nn.Conv2d(s[1], t[1], 1, bias=False), nn.BatchNorm2d(t[1])))
             elif len(s) == 3:
-                if s[1] != t[1]:
-                    raise KdcliError(
-                        f"{what}: the student has {s[1]} tokens and the teacher {t[1]}; pick blocks with the same "
-                        "token count, or tap penultimate on both"
-                    )
                 self.connectors.append(nn.Linear(s[2], t[2]))
             else:
                 self.connectors.append(nn.Sequential(nn.Linear(s[1], t[1], bias=False), nn.BatchNorm1d(t[1])))
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         total = 0.0
-        for pair, connector in zip(self.params.pairs, self.connectors):
-            f_t = step.teacher_features[pair.teacher].float()
-            f_s = connector(step.student_features[pair.student].float())
+        for pair, connector, pooled in zip(self.params.pairs, self.connectors, self.pooled):
+            f_t, f_s = as_float(step.teacher_features[pair.teacher]), as_float(step.student_features[pair.student])
+            if pooled:
+                f_t, f_s = pool_to_vector(f_t), pool_to_vector(f_s)
+            f_s = as_float(connector(f_s))
             if f_s.dim() == 4:
                 f_s = match_spatial(f_s, tuple(f_t.shape[-2:]))
             total = total + (f_s - f_t).pow(2).flatten(1).mean(1)
@@ -106,7 +116,7 @@ class AttentionParams(MethodParams):
 
 def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
     """L2-normalised spatial attention of a [B, C, H, W] map: normalize(mean_c |f|^p), flattened, [B, H*W]."""
-    return F.normalize(feature.float().abs().pow(p).mean(1).flatten(1), dim=1)
+    return F.normalize(as_float(feature).abs().pow(p).mean(1).flatten(1), dim=1)
 
 
 class AttentionTransfer(Method):
@@ -136,7 +146,7 @@ class AttentionTransfer(Method):
         for pair in self.params.pairs:
             f_s, f_t = step.student_features[pair.student], step.teacher_features[pair.teacher]
             size = (min(f_s.shape[-2], f_t.shape[-2]), min(f_s.shape[-1], f_t.shape[-1]))
-            a_s = attention_map(match_spatial(f_s.float(), size), self.params.p)
-            a_t = attention_map(match_spatial(f_t.float(), size), self.params.p)
+            a_s = attention_map(match_spatial(as_float(f_s), size), self.params.p)
+            a_t = attention_map(match_spatial(as_float(f_t), size), self.params.p)
             total = total + (a_s - a_t).pow(2).mean(1)
         return total

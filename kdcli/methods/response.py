@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from kdcli.methods.base import Method, MethodParams, Needs, StepInputs
-from kdcli.methods.functional import soft_kl
+from kdcli.methods.functional import as_float, soft_kl
 
 
 class CrossEntropyParams(MethodParams):
@@ -26,7 +26,7 @@ class CrossEntropy(Method):
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         return F.cross_entropy(
-            step.student_logits.float(), step.labels, reduction="none", label_smoothing=self.params.label_smoothing
+            as_float(step.student_logits), step.labels, reduction="none", label_smoothing=self.params.label_smoothing
         )
 
 
@@ -48,7 +48,7 @@ class HintonKD(Method):
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         p = self.params
-        ce = F.cross_entropy(step.student_logits.float(), step.labels, reduction="none")
+        ce = F.cross_entropy(as_float(step.student_logits), step.labels, reduction="none")
         return p.alpha * ce + (1 - p.alpha) * soft_kl(step.student_logits, step.teacher_logits, p.temperature)
 
 
@@ -78,7 +78,7 @@ class DKD(Method):
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         p, t = self.params, self.params.temperature
-        z_s, z_t = step.student_logits.float() / t, step.teacher_logits.float() / t
+        z_s, z_t = as_float(step.student_logits) / t, as_float(step.teacher_logits) / t
         gt = F.one_hot(step.labels, z_s.shape[1]).bool()
         p_s, p_t = F.softmax(z_s, dim=1), F.softmax(z_t, dim=1)
         b_s = torch.stack([p_s[gt], (p_s * ~gt).sum(1)], dim=1).clamp_min(1e-12)
@@ -113,6 +113,6 @@ class StandardisedKD(Method):
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         p = self.params
-        z_s, z_t = step.student_logits.float(), step.teacher_logits.float()
+        z_s, z_t = as_float(step.student_logits), as_float(step.teacher_logits)
         ce = F.cross_entropy(z_s, step.labels, reduction="none")
         return p.alpha * ce + (1 - p.alpha) * soft_kl(standardise(z_s), standardise(z_t), p.temperature)
