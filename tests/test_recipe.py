@@ -67,7 +67,7 @@ def test_unknown_method_lists_available(tmp_path):
     data = json.loads(json.dumps(MINIMAL))
     data["stages"][0]["losses"][0]["method"] = "kdd"
     message = problem(tmp_path, data)
-    assert "did you mean kd?" in message and "available: ce, kd" in message
+    assert "did you mean kd, " in message and "available: ce, kd, dkd, kd_std, fitnets, at, rkd, sp, pkt" in message
 
 
 def test_yaml_syntax_error_gives_the_line(tmp_path):
