@@ -24,8 +24,8 @@ def test_default_recipe_is_three_stage_smskd_and_the_student_loads_in_timm(cli, 
     assert report["recipe"]["name"] == "smskd"
     assert [(s["name"], s["anchor"]) for s in report["stages"]] == [
         ("response", "none"), ("feature", "tcp"), ("relation", "tcp")]
-    assert {"fitnets", "ce", "anchor"} <= set(report["stages"][1]["history"][0]["terms"])
-    assert {"rkd", "ce", "anchor"} <= set(report["stages"][2]["history"][0]["terms"])
+    assert {"fitnets", "kd", "anchor"} <= set(report["stages"][1]["history"][0]["terms"])
+    assert {"rkd", "kd", "anchor"} <= set(report["stages"][2]["history"][0]["terms"])
     model = timm.create_model(f"local-dir:{out / 'student'}", pretrained=True)
     assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     exported = safetensors.torch.load_file(str(out / "student/model.safetensors"))
