@@ -121,3 +121,12 @@ def test_inspect_an_arch_and_a_checkpoint(cli, teacher_dir):
     unknown = cli("inspect", "not_an_arch")
     assert unknown.code == 2 and "unknown timm architecture" in unknown.err
     assert json.loads(cli("inspect", "test_resnet", "--image-size", "64", "--json").out)["taps"][1]["shape"] == [32, 16, 16]
+
+
+def test_default_recipe_runs_with_a_vit_student_at_32(cli, teacher_dir, tmp_path):
+    out = tmp_path / "vit"
+    result = cli("distill", teacher_dir, "test_vit", "--data", DATA, "--out", out, *ONE_EPOCH, "--json")
+    assert result.code == 0, result.err
+    assert [s["name"] for s in result.json()["stages"]] == ["response", "feature", "relation"]
+    config = json.loads((out / "student/config.json").read_text())
+    assert config["model_args"] == {"img_size": 32}
