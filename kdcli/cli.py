@@ -84,7 +84,7 @@ def distill(
     teacher: str = typer.Argument(..., help="teacher: a .safetensors file or a timm folder (model.safetensors + config.json)"),
     student: str = typer.Argument(..., help="student: a timm architecture name, or a .safetensors/folder to start from"),
     data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
-    recipe: str = typer.Option(None, "--recipe", "-r", help="built-in recipe name or YAML file [default: kd-anchored]"),
+    recipe: str = typer.Option(None, "--recipe", "-r", help="built-in recipe name or YAML file [default: smskd]"),
     out: Path = typer.Option(Path("kdcli-distill"), "--out", "-o", help="output folder"),
     set_: list[str] = SET,
     seed: int = typer.Option(None, "--seed", help="overrides the recipe's seed"),
@@ -282,6 +282,38 @@ def recipe_schema() -> None:
     from kdcli.recipe import recipe_schema as schema
 
     _print_json(schema())
+
+
+@app.command()
+def methods(json_: bool = JSON) -> None:
+    """The KD methods a recipe can use: parameters, defaults, and what each one taps."""
+    from kdcli.display import print_methods
+    from kdcli.inspection import method_rows
+
+    rows = method_rows()
+    if json_:
+        _print_json({"methods": rows})
+        return
+    print_methods(rows)
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="a timm architecture name, or a .safetensors file / timm folder"),
+    image_size: int = typer.Option(None, "--image-size", help="input size [default: the checkpoint's, else timm's]"),
+    arch: str = typer.Option(None, "--arch", help="architecture of the weights, if they do not say"),
+    num_classes: int = typer.Option(1000, "--num-classes", min=1, help="classes of an architecture named by name"),
+    json_: bool = JSON,
+) -> None:
+    """Architecture, parameters, size and the taps (index, module path, channels, reduction) of a model."""
+    from kdcli.display import print_inspection
+    from kdcli.inspection import inspect_model
+
+    info = inspect_model(model, image_size, arch, num_classes)
+    if json_:
+        _print_json(info)
+        return
+    print_inspection(info)
 
 
 def _report_error(message: str) -> None:

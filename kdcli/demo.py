@@ -16,7 +16,7 @@ TEACHER = "resnet10t"
 STUDENT = "test_resnet"
 TEACHER_EPOCHS = 5
 # The distilled student gets exactly the baseline's epochs, split over the default recipe's stages.
-STAGE_EPOCHS = (5, 3)
+STAGE_EPOCHS = (6, 1, 1)
 
 
 def run_demo(out: Path, data: str, teacher_arch: str, student_arch: str, device: str, force: bool,

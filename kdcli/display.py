@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kdcli.report import ROLES, headline
 
@@ -88,3 +89,31 @@ def print_demo(reports: dict, out: Path) -> None:
     gain = distilled["student"]["top1"] - reports["baseline"]["student"]["top1"]
     out_console.print(f"distillation vs the same student alone: {gain:+.2f} top-1 points; outputs in {out}",
                       markup=False)
+
+
+def print_methods(rows: list[dict]) -> None:
+    from kdcli.inspection import brief
+
+    table = Table(title="KD methods (recipe: losses: [{method: NAME, weight: W, ...}])")
+    for column, ratio in (("method", 1), ("what", 4), ("parameters (defaults)", 4), ("reads", 2)):
+        table.add_column(column, ratio=ratio, no_wrap=column == "method")
+    for row in rows:
+        params = ", ".join(f"{k}={brief(v['default'])}" for k, v in row["parameters"].items())
+        table.add_row(*(Text(cell) for cell in (row["name"], row["summary"], params, row["reads"])))
+    out_console.print(table)
+
+
+def print_inspection(info: dict) -> None:
+    source = "weights file" if info["from_file"] else "random init"
+    out_console.print(f"[bold]{info['arch']}[/bold] ({source}): {info['params'] / 1e6:.3f} M params, "
+                      f"{info['bytes'] / 2**20:.2f} MiB, {info['num_classes']} classes, "
+                      f"input {info['image_size']}x{info['image_size']}", highlight=False)
+    table = Table(title="taps (recipe: {feature: N}, {module: PATH} or penultimate)")
+    for column in ("tap", "module path", "channels", "reduction", f"shape at {info['image_size']}"):
+        table.add_column(column, justify="right" if column in ("channels", "reduction") else "left")
+    for tap in info["taps"]:
+        table.add_row(tap["key"], tap["module"], str(tap["channels"] or "–"),
+                      f"/{tap['reduction']}" if tap["reduction"] else "–", "×".join(map(str, tap["shape"])))
+    out_console.print(table)
+    out_console.print("any other named module also works as module:<path> (feature:-1 is the last feature)",
+                      highlight=False)

@@ -90,25 +90,12 @@ def _setup_methods(losses: list[tuple[str, float, Method]], models: Models, wher
     if not student_keys and not teacher_keys:
         return
     try:
-        student_shapes = _feature_shapes(models.student, student_keys, "student", models.image_size)
-        teacher_shapes = _feature_shapes(models.teacher, teacher_keys, "teacher", models.image_size)
+        student_shapes = taps.shapes(models.student, student_keys, models.image_size, "student")
+        teacher_shapes = taps.shapes(models.teacher, teacher_keys, models.image_size, "teacher")
+        for _, _, method in losses:
+            method.setup(student_shapes, teacher_shapes)
     except KdcliError as err:
         raise KdcliError(f"{where}: {err}") from None
-    for _, _, method in losses:
-        method.setup(student_shapes, teacher_shapes)
-
-
-@torch.no_grad()
-def _feature_shapes(model: nn.Module | None, keys: tuple[str, ...], side: str, size: int) -> dict[str, torch.Size]:
-    if not keys:
-        return {}
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    with taps.capture(model, keys, side) as found:
-        model(torch.zeros(2, 3, size, size, device=device))
-    model.train(was_training)
-    return {key: found[key].shape for key in keys}
 
 
 @dataclass

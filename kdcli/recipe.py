@@ -162,7 +162,7 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in builtin_dir().glob("*.yaml"))
 
 
-DEFAULT_RECIPE = "kd-anchored"
+DEFAULT_RECIPE = "smskd"
 
 
 def load_recipe(ref: str | None = None, overrides: list[str] = (), seed: int | None = None) -> Recipe:

@@ -1,6 +1,6 @@
 """Intermediate features of a timm model, by tap key, through forward hooks that live only while needed.
 
-Tap keys: `feature:N` (timm feature_info index N), `module:PATH` (any named_modules() name), `penultimate`
+Tap keys: `feature:N` (timm feature_info index N, negative counts from the end), `module:PATH` (any named_modules() name), `penultimate`
 (the pooled pre-logits embedding: the input of the classifier).
 """
 
@@ -44,23 +44,42 @@ def _classifier_name(model: nn.Module) -> str:
     raise KdcliError(f"{type(model).__name__} has no classifier module to tap the penultimate embedding from")
 
 
-def resolve(model: nn.Module, key: str, side: str) -> tuple[nn.Module, bool]:
-    """(module, read its input instead of its output) for a tap key; unknown keys list what is available."""
+def resolve(model: nn.Module, key: str, side: str) -> tuple[nn.Module, bool, int | None]:
+    """(module, read its input instead of its output, channels timm says it has) for a tap key.
+    `feature:-1` is the last feature_info entry. Unknown keys list what is available."""
     modules = dict(model.named_modules())
     kind, _, arg = key.partition(":")
     if key == PENULTIMATE:
-        return modules[_classifier_name(model)], True
+        return modules[_classifier_name(model)], True, None
     if kind == "feature":
         infos = getattr(model, "feature_info", None) or []
-        if arg.isdigit() and int(arg) < len(infos) and infos[int(arg)]["module"] in modules:
-            return modules[infos[int(arg)]["module"]], False
+        if arg.lstrip("-").isdigit() and -len(infos) <= int(arg) < len(infos):
+            info = infos[int(arg)]
+            if info["module"] in modules:
+                return modules[info["module"]], False, info.get("num_chs")
     elif kind == "module" and arg in modules and arg:
-        return modules[arg], False
-    listed = ", ".join(
+        return modules[arg], False, None
+    raise KdcliError(f"unknown {side} tap '{key}'; available: {describe_taps(model)}; "
+                     "or module:<name> (kdcli inspect lists them)")
+
+
+def describe_taps(model: nn.Module) -> str:
+    return ", ".join(
         f"{t.key} ({t.module}, {t.channels} ch" + (f", /{t.reduction})" if t.reduction else ")")
         for t in available_taps(model)
     )
-    raise KdcliError(f"unknown {side} tap '{key}'; available: {listed}; or module:<name> (kdcli inspect lists them)")
+
+
+def normalise(output: object, channels: int | None) -> torch.Tensor:
+    """What methods expect: [B, C, H, W] maps, [B, N, C] tokens, [B, C] vectors. A channels-last map (some
+    timm families) is permuted to channels-first; a tuple output (some blocks) gives its first tensor."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise KdcliError(f"a tapped module returned {type(output).__name__}, not a tensor; tap another module")
+    if output.dim() == 4 and channels and output.shape[1] != channels and output.shape[-1] == channels:
+        output = output.permute(0, 3, 1, 2)
+    return output
 
 
 @contextmanager
@@ -69,13 +88,35 @@ def capture(model: nn.Module, keys: tuple[str, ...], side: str):
     found: dict[str, torch.Tensor] = {}
     handles = []
     for key in keys:
-        module, want_input = resolve(model, key, side)
+        module, want_input, channels = resolve(model, key, side)
         if want_input:
-            handles.append(module.register_forward_pre_hook(lambda _m, args, k=key: found.__setitem__(k, args[0])))
+            hook = module.register_forward_pre_hook(lambda _m, args, k=key: found.__setitem__(k, args[0]))
         else:
-            handles.append(module.register_forward_hook(lambda _m, _a, out, k=key: found.__setitem__(k, out)))
+            hook = module.register_forward_hook(
+                lambda _m, _a, out, k=key, c=channels: found.__setitem__(k, normalise(out, c))
+            )
+        handles.append(hook)
     try:
         yield found
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def shapes(model: nn.Module, keys: tuple[str, ...], image_size: int, side: str = "model") -> dict[str, torch.Size]:
+    """The shape of every tapped feature at this input size (batch of 2), from one dry forward in eval mode."""
+    if not keys:
+        return {}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with capture(model, keys, side) as found:
+            model(torch.zeros(2, 3, image_size, image_size, device=device))
+    finally:
+        model.train(was_training)
+    missing = [k for k in keys if k not in found]
+    if missing:
+        raise KdcliError(f"{side} tap '{missing[0]}' is never run in a forward pass; tap another module")
+    return {key: found[key].shape for key in keys}

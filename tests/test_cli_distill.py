@@ -14,7 +14,7 @@ from timm.data import create_transform, resolve_data_config
 from conftest import DATA
 from kdcli.data import open_data
 
-FAST = ["--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1"]
+FAST = ["--recipe", "kd-anchored", "--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1"]
 
 
 def timm_top1(model: torch.nn.Module) -> float:

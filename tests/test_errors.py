@@ -27,7 +27,7 @@ def assert_one_clear_line(result, *fragments: str) -> None:
         assert fragment in errors[0], (fragment, errors[0])
 
 
-FAST = ["--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1"]
+FAST = ["--recipe", "kd-anchored", "--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1"]
 
 
 class Call:
@@ -175,6 +175,10 @@ CASES = {
     "unknown-method": (
         lambda c: c.distill(None, "test_efficientnet", "--set", "stages.0.losses.0.method=kdd"),
         ["unknown method 'kdd'", "did you mean kd"]),
+    "unknown-tap": (
+        lambda c: c.distill(None, "test_efficientnet", "--recipe", "smskd",
+                            "--set", "stages.1.losses.1.pairs.0.teacher=feature:9"),
+        ["recipe stage 1 ('feature')", "unknown teacher tap 'feature:9'", "available: feature:0", "kdcli inspect"]),
     "first-stage-anchor-random-student": (
         lambda c: c.distill(None, "test_efficientnet", "--set", "stages.0.anchor.weighting=tcp"),
         ["first stage", "randomly initialised"]),

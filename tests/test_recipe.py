@@ -26,10 +26,10 @@ def problem(tmp_path, data) -> str:
     return str(err.value)
 
 
-def test_builtins_load_and_default_is_kd_anchored():
+def test_builtins_load_and_default_is_smskd():
     assert {"kd-anchored", "supervised"} <= set(builtin_names())
     default = load_recipe(None)
-    assert default.name == "kd-anchored"
+    assert default.name == "smskd"
     assert default.stages[0].anchor.weighting == "none"
     assert all(s.anchor.weighting == "tcp" for s in default.stages[1:])
 
@@ -67,7 +67,7 @@ def test_unknown_method_lists_available(tmp_path):
     data = json.loads(json.dumps(MINIMAL))
     data["stages"][0]["losses"][0]["method"] = "kdd"
     message = problem(tmp_path, data)
-    assert "did you mean kd?" in message and "available: ce, kd" in message
+    assert "did you mean kd, " in message and "available: ce, kd, dkd, kd_std, fitnets, at, rkd, sp, pkt" in message
 
 
 def test_yaml_syntax_error_gives_the_line(tmp_path):

@@ -7,10 +7,10 @@ method of the stage. A method declares up front what it needs (Needs), so the en
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from torch import nn
 
 
@@ -67,3 +67,61 @@ class Method(nn.Module):
 
     def forward(self, step: StepInputs) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+# ---------------------------------------------------------------- taps in recipes
+
+
+def normalise_tap(value: object) -> str:
+    """A recipe tap -> its key: {feature: N} -> 'feature:N', {module: X} -> 'module:X', 'penultimate' as is.
+    The key strings themselves are accepted too, so a recipe written back out (recipe.yaml) loads again."""
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, arg), = value.items()
+        if kind == "feature" and isinstance(arg, int) and not isinstance(arg, bool):
+            return f"feature:{arg}"
+        if kind == "module" and isinstance(arg, str) and arg.strip():
+            return f"module:{arg.strip()}"
+    if isinstance(value, str):
+        kind, sep, arg = value.partition(":")
+        if value == "penultimate":
+            return value
+        if sep and kind == "feature" and arg.lstrip("-").isdigit():
+            return f"feature:{int(arg)}"
+        if sep and kind == "module" and arg.strip():
+            return f"module:{arg.strip()}"
+    raise ValueError(
+        f"a tap is {{feature: N}} (timm feature index, -1 = last), {{module: NAME}} (a named_modules() name) "
+        f"or penultimate; got {value!r}"
+    )
+
+
+_TAP_SCHEMA = {
+    "anyOf": [
+        {"const": "penultimate"},
+        {"type": "object", "properties": {"feature": {"type": "integer"}}, "required": ["feature"],
+         "additionalProperties": False},
+        {"type": "object", "properties": {"module": {"type": "string"}}, "required": ["module"],
+         "additionalProperties": False},
+        {"type": "string", "pattern": r"^(feature:-?\d+|module:.+)$"},
+    ],
+    "description": "a feature to tap: {feature: N}, {module: NAME} or penultimate (kdcli inspect lists them)",
+}
+
+Tap = Annotated[str, BeforeValidator(normalise_tap), WithJsonSchema(_TAP_SCHEMA)]
+
+
+class TapPair(BaseModel):
+    """One student feature matched to one teacher feature."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    student: Tap
+    teacher: Tap
+
+
+def pairs_needs(pairs: list[TapPair], teacher_logits: bool = False) -> Needs:
+    return Needs(
+        teacher_logits=teacher_logits,
+        student_taps=tuple(dict.fromkeys(p.student for p in pairs)),
+        teacher_taps=tuple(dict.fromkeys(p.teacher for p in pairs)),
+    )

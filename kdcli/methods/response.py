@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from kdcli.methods.base import Method, MethodParams, Needs, StepInputs
-from kdcli.methods.functional import soft_kl
+from kdcli.methods.functional import as_float, soft_kl
 
 
 class CrossEntropyParams(MethodParams):
@@ -26,7 +26,7 @@ class CrossEntropy(Method):
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         return F.cross_entropy(
-            step.student_logits.float(), step.labels, reduction="none", label_smoothing=self.params.label_smoothing
+            as_float(step.student_logits), step.labels, reduction="none", label_smoothing=self.params.label_smoothing
         )
 
 
@@ -48,5 +48,71 @@ class HintonKD(Method):
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         p = self.params
-        ce = F.cross_entropy(step.student_logits.float(), step.labels, reduction="none")
+        ce = F.cross_entropy(as_float(step.student_logits), step.labels, reduction="none")
         return p.alpha * ce + (1 - p.alpha) * soft_kl(step.student_logits, step.teacher_logits, p.temperature)
+
+
+class DKDParams(MethodParams):
+    method: Literal["dkd"] = "dkd"
+    alpha: float = Field(1.0, ge=0, description="weight of the target-class term (TCKD)")
+    beta: float = Field(8.0, ge=0, description="weight of the non-target-class term (NCKD)")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature T")
+    warmup: int = Field(20, ge=0, description="epochs over which the loss ramps up linearly (0: none)")
+
+
+class DKD(Method):
+    """Zhao et al. 2022, decoupled KD: (alpha·TCKD + beta·NCKD) · min((epoch + 1) / warmup, 1).
+
+    TCKD = T²·KL([p_t,gt, 1 − p_t,gt] ‖ [p_s,gt, 1 − p_s,gt]); NCKD = T²·KL over the non-target classes
+    (softmax of z/T with the true class masked out). Warm-up: as the reference (mdistiller), whose epochs count
+    from 1; kdcli's stage epochs count from 0, so the factor in the first epoch of a stage is 1/warmup and the
+    loss is at full weight from epoch `warmup` (1-based) on. No cross-entropy inside: list `ce` beside it.
+    """
+
+    name = "dkd"
+    summary = "decoupled KD: target-class and non-target-class KL terms, with a warm-up"
+    Params = DKDParams
+
+    def needs(self) -> Needs:
+        return Needs(teacher_logits=True)
+
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        p, t = self.params, self.params.temperature
+        z_s, z_t = as_float(step.student_logits) / t, as_float(step.teacher_logits) / t
+        gt = F.one_hot(step.labels, z_s.shape[1]).bool()
+        p_s, p_t = F.softmax(z_s, dim=1), F.softmax(z_t, dim=1)
+        b_s = torch.stack([p_s[gt], (p_s * ~gt).sum(1)], dim=1).clamp_min(1e-12)
+        b_t = torch.stack([p_t[gt], (p_t * ~gt).sum(1)], dim=1).clamp_min(1e-12)
+        tckd = (b_t * (b_t.log() - b_s.log())).sum(1) * t**2
+        nckd = soft_kl(z_s.masked_fill(gt, -1e9), z_t.masked_fill(gt, -1e9), 1.0) * t**2
+        ramp = min((step.epoch + 1) / p.warmup, 1.0) if p.warmup else 1.0
+        return ramp * (p.alpha * tckd + p.beta * nckd)
+
+
+class StandardisedKDParams(MethodParams):
+    method: Literal["kd_std"] = "kd_std"
+    alpha: float = Field(0.1, ge=0, le=1, description="weight of the hard-label cross-entropy; 1-alpha goes to KL")
+    temperature: float = Field(2.0, gt=0, description="base temperature T, applied to the standardised logits")
+
+
+def standardise(logits: torch.Tensor) -> torch.Tensor:
+    """(z − mean(z)) / (1e-7 + std(z)) per sample, std unbiased (torch's default)."""
+    return (logits - logits.mean(1, keepdim=True)) / (1e-7 + logits.std(1, keepdim=True))
+
+
+class StandardisedKD(Method):
+    """Sun et al. 2024, logit-standardised KD: Hinton KD on per-sample standardised logits of both models,
+    alpha·CE(z_s, y) + (1 − alpha)·T²·KL(softmax(ẑ_t/T) ‖ softmax(ẑ_s/T))."""
+
+    name = "kd_std"
+    summary = "KD on logits standardised per sample ((z - mean) / std), plus alpha·CE"
+    Params = StandardisedKDParams
+
+    def needs(self) -> Needs:
+        return Needs(teacher_logits=True)
+
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        p = self.params
+        z_s, z_t = as_float(step.student_logits), as_float(step.teacher_logits)
+        ce = F.cross_entropy(z_s, step.labels, reduction="none")
+        return p.alpha * ce + (1 - p.alpha) * soft_kl(standardise(z_s), standardise(z_t), p.temperature)
