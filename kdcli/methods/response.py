@@ -46,10 +46,15 @@ class HintonKD(Method):
     def needs(self) -> Needs:
         return Needs(teacher_logits=True)
 
+    def soft(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits the KL term compares (a variant standardises them)."""
+        return logits
+
     def forward(self, step: StepInputs) -> torch.Tensor:
         p = self.params
-        ce = F.cross_entropy(as_float(step.student_logits), step.labels, reduction="none")
-        return p.alpha * ce + (1 - p.alpha) * soft_kl(step.student_logits, step.teacher_logits, p.temperature)
+        z_s, z_t = as_float(step.student_logits), as_float(step.teacher_logits)
+        ce = F.cross_entropy(z_s, step.labels, reduction="none")
+        return p.alpha * ce + (1 - p.alpha) * soft_kl(self.soft(z_s), self.soft(z_t), p.temperature)
 
 
 class DKDParams(MethodParams):
@@ -100,7 +105,7 @@ def standardise(logits: torch.Tensor) -> torch.Tensor:
     return (logits - logits.mean(1, keepdim=True)) / (1e-7 + logits.std(1, keepdim=True))
 
 
-class StandardisedKD(Method):
+class StandardisedKD(HintonKD):
     """Sun et al. 2024, logit-standardised KD: Hinton KD on per-sample standardised logits of both models,
     alpha·CE(z_s, y) + (1 − alpha)·T²·KL(softmax(ẑ_t/T) ‖ softmax(ẑ_s/T))."""
 
@@ -108,11 +113,5 @@ class StandardisedKD(Method):
     summary = "KD on logits standardised per sample ((z - mean) / std), plus alpha·CE"
     Params = StandardisedKDParams
 
-    def needs(self) -> Needs:
-        return Needs(teacher_logits=True)
-
-    def forward(self, step: StepInputs) -> torch.Tensor:
-        p = self.params
-        z_s, z_t = as_float(step.student_logits), as_float(step.teacher_logits)
-        ce = F.cross_entropy(z_s, step.labels, reduction="none")
-        return p.alpha * ce + (1 - p.alpha) * soft_kl(standardise(z_s), standardise(z_t), p.temperature)
+    def soft(self, logits: torch.Tensor) -> torch.Tensor:
+        return standardise(logits)
