@@ -14,9 +14,9 @@ from kdcli.recipe import DEFAULT_RECIPE, load_recipe
 
 TEACHER = "resnet10t"
 STUDENT = "test_resnet"
-TEACHER_EPOCHS = 5
+TEACHER_EPOCHS = 7
 # The distilled student gets exactly the baseline's epochs, split over the default recipe's stages.
-STAGE_EPOCHS = (6, 1, 1)
+STAGE_EPOCHS = (5, 1, 1)
 
 
 def run_demo(out: Path, data: str, teacher_arch: str, student_arch: str, device: str, force: bool,

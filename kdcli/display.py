@@ -76,19 +76,19 @@ def print_eval(report: dict, checkpoint: str, out: Path | None) -> None:
 
 def print_demo(reports: dict, out: Path) -> None:
     table = Table(title=f"kdcli demo: {reports['teacher']['run']['data']}")
-    for column in ("model", "arch", "epochs", "top-1 %", "params", "file", "train time"):
-        table.add_column(column, justify="left" if column in ("model", "arch") else "right")
+    for column in ("model", "arch", "recipe", "epochs", "top-1 %", "params", "time"):
+        table.add_column(column, justify="left" if column in ("model", "arch", "recipe") else "right", no_wrap=True)
     for label, report in reports.items():
         entry = report["student"]
-        epochs = sum(stage["epochs"] for stage in report["stages"])
-        table.add_row(label, entry["arch"], str(epochs), f"{entry['top1']:.2f}", f"{entry['params'] / 1e6:.3f} M",
-                      f"{entry['file_bytes'] / 2**20:.2f} MiB", f"{report['run']['seconds']:.0f}s")
+        epochs = "+".join(str(stage["epochs"]) for stage in report["stages"])
+        table.add_row(label, entry["arch"], report["recipe"]["name"], epochs, f"{entry['top1']:.2f}",
+                      f"{entry['params'] / 1e6:.2f} M", f"{report['run']['seconds']:.0f}s")
     out_console.print(table)
     distilled = reports["distilled"]
     out_console.print(headline(distilled).replace("**", ""), markup=False, highlight=False, soft_wrap=True)
     gain = distilled["student"]["top1"] - reports["baseline"]["student"]["top1"]
     out_console.print(f"distillation vs the same student alone: {gain:+.2f} top-1 points; outputs in {out}",
-                      markup=False)
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 def print_methods(rows: list[dict]) -> None:
