@@ -175,9 +175,11 @@ def _check_headers(files: list[Path]) -> None:
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """CIFAR's batches are pickled dicts of numpy arrays: allow exactly numpy's array reconstruction, no code."""
+    """CIFAR's batches are pickled dicts of numpy arrays: allow exactly numpy's array reconstruction, no code.
+    (_codecs.encode turns text into bytes: Python 3 pickles bytes that way at protocol 2.)"""
 
     ALLOWED = {
+        ("_codecs", "encode"),
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
