@@ -167,8 +167,7 @@ def eval_(
     device: str = DEVICE,
     json_: bool = JSON,
 ) -> None:
-    """Accuracy (top-1, top-5, NLL, ECE) and cost of a checkpoint on the validation split; with a teacher and a
-    baseline, how it compares; a quality gate for CI."""
+    """Accuracy, calibration and cost of a checkpoint, against a teacher and a baseline; a quality gate for CI."""
     from kdcli.display import print_eval
     from kdcli.jobs import eval_checkpoint
 
