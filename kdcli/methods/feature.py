@@ -56,7 +56,8 @@ class FitNets(Method):
     Connector per pair: maps -> 1x1 conv + BN to the teacher's channels, then the student map is resized to the
     teacher's (pooling if larger, bilinear if smaller); tokens (same count) -> linear layer; vectors -> linear + BN.
     Features of different kinds (a ViT's tokens against a CNN's map, or different token counts) are both averaged
-    to [B, C] vectors first (over positions / tokens), then linear + BN: a pooled hint. The connectors train with the student and are saved in training checkpoints, never exported.
+    to [B, C] vectors first (over positions / tokens), then linear + BN: a pooled hint. The connectors train
+    with the student and are saved in training checkpoints, never exported.
     """
 
     name = "fitnets"
