@@ -101,8 +101,8 @@ def distill(
 ) -> None:
     """Distill TEACHER into STUDENT through the recipe's stages; write the student and a report to --out."""
     from kdcli.display import print_run
-    from kdcli.jobs import train_student
-    from kdcli.recipe import load_recipe
+    from kdcli.jobs.training import train_student
+    from kdcli.training.recipe import load_recipe
 
     plan = load_recipe(recipe, set_ or [], seed)
     with _progress() as listener:
@@ -133,8 +133,8 @@ def train(
 ) -> None:
     """Plain supervised training, no teacher: for teachers and baselines."""
     from kdcli.display import print_run
-    from kdcli.jobs import train_student
-    from kdcli.recipe import load_recipe
+    from kdcli.jobs.training import train_student
+    from kdcli.training.recipe import load_recipe
 
     plan = load_recipe(recipe, set_ or [], seed)
     if epochs is not None:
@@ -169,7 +169,7 @@ def eval_(
 ) -> None:
     """Accuracy, calibration and cost of a checkpoint, against a teacher and a baseline; a quality gate for CI."""
     from kdcli.display import print_eval
-    from kdcli.jobs import eval_checkpoint
+    from kdcli.jobs.evaluation import eval_checkpoint
 
     report, failed = _finish(lambda: eval_checkpoint(
         checkpoint, data, arch, batch_size=batch_size, workers=workers, device_name=device, teacher_ref=teacher,
@@ -191,7 +191,7 @@ def demo(
     """Train a teacher, a baseline student and a distilled student on built-in data; compare them."""
     import tempfile
 
-    from kdcli import demo as demo_module
+    from kdcli.jobs import demo as demo_module
 
     out = out or Path(tempfile.mkdtemp(prefix="kdcli-demo-"))
     reports = demo_module.run_demo(out, data, teacher or demo_module.TEACHER, student or demo_module.STUDENT,
@@ -215,8 +215,8 @@ def convert(
     json_: bool = JSON,
 ) -> None:
     """Turn a pickle checkpoint into a timm-layout folder, loading it with torch.load(weights_only=True) only."""
-    from kdcli.convert import convert_checkpoint
-    from kdcli.jobs import check_out
+    from kdcli.models.convert import convert_checkpoint
+    from kdcli.jobs.common import check_out
 
     check_out(out, force)
     summary = convert_checkpoint(checkpoint, arch, out, image_size, ema)
@@ -237,7 +237,7 @@ def recipe_validate(
     set_: list[str] = SET,
 ) -> None:
     """Check recipes against the schema; print every problem with its field path."""
-    from kdcli.recipe import RecipeError, load_recipe
+    from kdcli.training.recipe import RecipeError, load_recipe
 
     failed = False
     for ref in files:
@@ -260,7 +260,7 @@ def recipe_show(
     set_: list[str] = SET,
 ) -> None:
     """Print a recipe as it would run: defaults filled in, overrides applied."""
-    from kdcli.recipe import load_recipe
+    from kdcli.training.recipe import load_recipe
 
     sys.stdout.write(load_recipe(ref, set_ or []).to_yaml())
 
@@ -268,7 +268,7 @@ def recipe_show(
 @recipe_app.command("list")
 def recipe_list() -> None:
     """The built-in recipes, usable by name with --recipe."""
-    from kdcli.recipe import builtin_dir, builtin_names
+    from kdcli.training.recipe import builtin_dir, builtin_names
 
     for name in builtin_names():
         raw = yaml.safe_load((builtin_dir() / f"{name}.yaml").read_text(encoding="utf-8"))
@@ -278,7 +278,7 @@ def recipe_list() -> None:
 @recipe_app.command("schema")
 def recipe_schema() -> None:
     """Print the recipe's JSON Schema (for editors and CI checks)."""
-    from kdcli.recipe import recipe_schema as schema
+    from kdcli.training.recipe import recipe_schema as schema
 
     _print_json(schema())
 
@@ -287,7 +287,7 @@ def recipe_schema() -> None:
 def methods(json_: bool = JSON) -> None:
     """The KD methods a recipe can use: parameters, defaults, and what each one taps."""
     from kdcli.display import print_methods
-    from kdcli.inspection import method_rows
+    from kdcli.models.inspection import method_rows
 
     rows = method_rows()
     if json_:
@@ -306,7 +306,7 @@ def inspect(
 ) -> None:
     """Architecture, parameters, size and the taps (index, module path, channels, reduction) of a model."""
     from kdcli.display import print_inspection
-    from kdcli.inspection import inspect_model
+    from kdcli.models.inspection import inspect_model
 
     info = inspect_model(model, image_size, arch, num_classes)
     if json_:

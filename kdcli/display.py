@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from kdcli.report import ROLES, headline
+from kdcli.evaluation.report import ROLES, headline
 
 out_console = Console()
 
@@ -92,7 +92,7 @@ def print_demo(reports: dict, out: Path) -> None:
 
 
 def print_methods(rows: list[dict]) -> None:
-    from kdcli.inspection import brief
+    from kdcli.models.inspection import brief
 
     table = Table(title="KD methods (recipe: losses: [{method: NAME, weight: W, ...}])")
     for column, ratio in (("method", 1), ("what", 4), ("parameters (defaults)", 4), ("reads", 2)):

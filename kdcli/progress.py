@@ -7,7 +7,7 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kdcli.engine import EpochRecord, StagePlan
+from kdcli.training.engine import EpochRecord, StagePlan
 
 
 def _epoch_line(record: EpochRecord) -> str:

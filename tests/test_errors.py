@@ -57,7 +57,7 @@ class Call:
     def teacher_with_classes(self, classes):
         import timm
 
-        from kdcli.checkpoint import LoadedModel, save_timm_folder
+        from kdcli.models.checkpoint import LoadedModel, save_timm_folder
         from kdcli.data import DataConfig
 
         folder = self.tmp / f"teacher{classes}"

@@ -11,7 +11,7 @@ import matplotlib.image
 import pytest
 
 from conftest import DATA
-from kdcli.report import report_schema
+from kdcli.evaluation.report import report_schema
 
 FAST = ["--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1"]
 ACCURACY = ("top1", "top5", "nll", "ece")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import timm
 import torch
 
-from kdcli.anchor import frozen_copy
-from kdcli.engine import StagePlan, loss_terms
-from kdcli.recipe import load_recipe
-from kdcli.pipeline import build_losses
+from kdcli.training.anchor import frozen_copy
+from kdcli.training.engine import StagePlan, loss_terms
+from kdcli.training.recipe import load_recipe
+from kdcli.training.pipeline import build_losses
 
 
 def test_gradients_reach_only_the_student():
@@ -43,7 +43,7 @@ def test_anchor_gradient_flows_through_the_student_only():
     torch.manual_seed(1)
     student = timm.create_model("test_efficientnet", num_classes=10)
     reference = frozen_copy(student)
-    from kdcli.anchor import anchor_loss
+    from kdcli.training.anchor import anchor_loss
 
     images = torch.randn(4, 3, 32, 32)
     logits_s = student(images) * 1.5

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from kdcli.anchor import anchor_loss, sample_weights
-from kdcli.methods import REGISTRY, StepInputs
-from kdcli.recipe import Recipe
+from kdcli.training.anchor import anchor_loss, sample_weights
+from kdcli.training.methods import REGISTRY, StepInputs
+from kdcli.training.recipe import Recipe
 
 
 def fixed_batch(seed: int = 0, batch: int = 6, classes: int = 5):

@@ -10,12 +10,12 @@ import pytest
 import timm
 import torch
 
-from kdcli.anchor import frozen_copy
-from kdcli.engine import StagePlan, loss_terms
+from kdcli.training.anchor import frozen_copy
+from kdcli.training.engine import StagePlan, loss_terms
 from kdcli.errors import KdcliError
-from kdcli.methods import REGISTRY, StepInputs
-from kdcli.pipeline import Models, check_plan
-from kdcli.recipe import validate_recipe
+from kdcli.training.methods import REGISTRY, StepInputs
+from kdcli.training.pipeline import Models, check_plan
+from kdcli.training.recipe import validate_recipe
 
 B, C = 6, 5
 ATOL = 1e-6

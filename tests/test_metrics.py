@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from kdcli.cost import count_macs, measure_speed
-from kdcli.evaluate import (
+from kdcli.evaluation.cost import count_macs, measure_speed
+from kdcli.evaluation.metrics import (
     accuracy_metrics, agreement, expected_calibration_error, nll, reliability_bins, topk_accuracy,
 )
-from kdcli.gate import check_gate_options, gate_result
+from kdcli.evaluation.gate import check_gate_options, gate_result
 from kdcli.errors import KdcliError
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from kdcli.errors import KdcliError
-from kdcli.recipe import RecipeError, builtin_names, load_recipe
+from kdcli.training.recipe import RecipeError, builtin_names, load_recipe
 
 MINIMAL = {"stages": [{"name": "kd", "epochs": 2, "losses": [{"method": "kd"}]}]}
 

@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 import yaml
 
-from kdcli.trainstate import CHECKPOINT_NAME, STATE_KEY
+from kdcli.training.trainstate import CHECKPOINT_NAME, STATE_KEY
 
 DATA = "synthetic:train=1024,val=128"
 RECIPE = {

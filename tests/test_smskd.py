@@ -10,8 +10,8 @@ import timm
 import torch
 
 from conftest import DATA
-from kdcli.recipe import builtin_names
-from kdcli.trainstate import CHECKPOINT_NAME, StopSignals
+from kdcli.training.recipe import builtin_names
+from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals
 
 ONE_EPOCH = ["--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1", "--set", "stages.2.epochs=1"]
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import DATA
-from kdcli import taps
-from kdcli.checkpoint import fresh_model
-from kdcli.engine import StagePlan, loss_terms
+from kdcli.models import taps
+from kdcli.models.checkpoint import fresh_model
+from kdcli.training.engine import StagePlan, loss_terms
 from kdcli.errors import KdcliError
-from kdcli.pipeline import Models, check_plan
-from kdcli.recipe import load_recipe
+from kdcli.training.pipeline import Models, check_plan
+from kdcli.training.recipe import load_recipe
 
 FAMILIES = ["test_resnet", "mobilenetv2_050", "test_efficientnet", "test_convnext", "test_vit"]
 

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from kdcli import __version__
-from kdcli.checkpoint import LoadedModel, count_params
-from kdcli.cost import count_macs, measure_speed
+from kdcli.models.checkpoint import LoadedModel, count_params
+from kdcli.evaluation.cost import count_macs, measure_speed
 from kdcli.data import DataConfig, DataSource, EvalView, eval_loader
-from kdcli.evaluate import accuracy_metrics, agreement, predict, reliability_bins
+from kdcli.evaluation.metrics import accuracy_metrics, agreement, predict, reliability_bins
 
 
 @dataclass

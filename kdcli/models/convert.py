@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from kdcli.checkpoint import (
+from kdcli.models.checkpoint import (
     WEIGHTS_NAME, LoadedModel, check_arch, classifier_key, count_params, create, load_strict, model_args_for,
     read_safetensors, save_timm_folder,
 )
 from kdcli.data import DataConfig
 from kdcli.errors import KdcliError
+from kdcli.models.preprocessing import arch_default_config
 
 # Where training scripts keep the weights inside a checkpoint dict, in the order they are tried.
 WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema", "module")
@@ -61,8 +62,6 @@ def unwrap_state_dict(content: object, path: Path, ema: bool) -> tuple[dict[str,
 
 def convert_checkpoint(src: str, arch: str, out: Path, image_size: int | None, ema: bool) -> dict:
     """Load src strictly into arch and write out/model.safetensors + out/config.json; returns a summary."""
-    from kdcli.jobs import arch_default_config  # jobs imports the training stack; only needed here
-
     path = Path(src)
     if not path.is_file():
         raise KdcliError(f"{src} does not exist or is not a file; pass the .pth/.pt/.bin/.ckpt to convert")

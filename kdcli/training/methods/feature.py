@@ -13,8 +13,8 @@ from pydantic import Field
 from torch import nn
 
 from kdcli.errors import KdcliError
-from kdcli.methods.functional import as_float
-from kdcli.methods.base import Method, MethodParams, Needs, StepInputs, TapPair, pairs_needs
+from kdcli.training.methods.functional import as_float
+from kdcli.training.methods.base import Method, MethodParams, Needs, StepInputs, TapPair, pairs_needs
 
 
 def _kind(shape: torch.Size) -> str:

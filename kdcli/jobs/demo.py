@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdcli.jobs import train_student
-from kdcli.recipe import DEFAULT_RECIPE, load_recipe
+from kdcli.jobs.training import train_student
+from kdcli.training.recipe import DEFAULT_RECIPE, load_recipe
 
 TEACHER = "resnet10t"
 STUDENT = "test_resnet"

@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from kdcli.fsio import write_json, write_text
-from kdcli.plots import RELIABILITY_PNG, TRAINING_PNG, reliability_plot, training_plot
+from kdcli.evaluation.plots import RELIABILITY_PNG, TRAINING_PNG, reliability_plot, training_plot
 
 SCHEMA_VERSION = 2
 REPORT_JSON = "report.json"
@@ -18,7 +18,7 @@ ROLES = ("student", "teacher", "baseline")
 
 def report_schema() -> dict:
     """The JSON Schema report.json follows (shipped in the package)."""
-    return json.loads(resources.files("kdcli").joinpath("report.schema.json").read_text(encoding="utf-8"))
+    return json.loads(resources.files("kdcli.evaluation").joinpath("report.schema.json").read_text(encoding="utf-8"))
 
 
 def stage_entry(outcome) -> dict:

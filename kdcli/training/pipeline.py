@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdcli import taps
-from kdcli.anchor import frozen_copy
-from kdcli.engine import EpochRecord, EpochSums, Listener, Position, StagePlan, StageRunner, TrainingData
+from kdcli.models import taps
+from kdcli.training.anchor import frozen_copy
+from kdcli.training.engine import EpochRecord, EpochSums, Listener, Position, StagePlan, StageRunner, TrainingData
 from kdcli.errors import KdcliError
-from kdcli.methods import REGISTRY, Method
-from kdcli.recipe import Recipe, Stage
-from kdcli.trainstate import (
+from kdcli.training.methods import REGISTRY, Method
+from kdcli.training.recipe import Recipe, Stage
+from kdcli.training.trainstate import (
     join_tensors, load_module, module_tensors, restore_rng, rng_tensors, split_tensors, write_checkpoint,
 )
 

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kdcli.errors import KdcliError, close_matches
-from kdcli.methods import REGISTRY, MethodParams
+from kdcli.training.methods import REGISTRY, MethodParams
 
 
 class _Strict(BaseModel):
@@ -155,7 +155,7 @@ class RecipeError(KdcliError):
 def builtin_dir() -> Path:
     """Built-in recipes: packaged inside the wheel as kdcli/recipes, or the checkout's top-level recipes/."""
     packaged = Path(str(resources.files("kdcli"))) / "recipes"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
 
 
 def builtin_names() -> list[str]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcli.methods.functional import soft_kl
+from kdcli.training.methods.functional import soft_kl
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -12,12 +12,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from kdcli import taps
-from kdcli.anchor import anchor_loss, sample_weights
+from kdcli.models import taps
+from kdcli.training.anchor import anchor_loss, sample_weights
 from kdcli.data import TrainView, epoch_batches, train_loader
 from kdcli.errors import KdcliError
-from kdcli.evaluate import predict, topk_accuracy
-from kdcli.methods import Method, Needs, StepInputs
+from kdcli.evaluation.metrics import predict, topk_accuracy
+from kdcli.training.methods import Method, Needs, StepInputs
 
 
 @dataclass

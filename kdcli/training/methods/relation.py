@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kdcli.methods.functional import as_float
-from kdcli.methods.base import Method, MethodParams, Needs, StepInputs, TapPair, pairs_needs
+from kdcli.training.methods.functional import as_float
+from kdcli.training.methods.base import Method, MethodParams, Needs, StepInputs, TapPair, pairs_needs
 
 PENULTIMATE_PAIR = {"student": "penultimate", "teacher": "penultimate"}
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kdcli.methods.base import Method, MethodParams, Needs, StepInputs
-from kdcli.methods.functional import as_float, soft_kl
+from kdcli.training.methods.base import Method, MethodParams, Needs, StepInputs
+from kdcli.training.methods.functional import as_float, soft_kl
 
 
 class CrossEntropyParams(MethodParams):

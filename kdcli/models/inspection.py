@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from kdcli import taps
-from kdcli.checkpoint import LoadedModel, check_arch, count_params, fresh_model, is_checkpoint_ref, load_checkpoint
+from kdcli.models import taps
+from kdcli.models.checkpoint import LoadedModel, check_arch, count_params, fresh_model, is_checkpoint_ref, load_checkpoint
 from kdcli.errors import KdcliError
-from kdcli.methods import REGISTRY
+from kdcli.training.methods import REGISTRY
 
 
 def _default(value: object) -> object:

@@ -1,0 +1,1 @@
+"""Evaluation: accuracy and calibration metrics, cost, the comparison with teacher and baseline, gate, reports."""
