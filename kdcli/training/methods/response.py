@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kdcli.training.methods.base import Method, MethodParams, Needs, StepInputs
+from kdcli.training.methods.base import TEACHER, Method, MethodParams, Needs, Reads, StepInputs
 from kdcli.training.methods.functional import as_float, soft_kl
 
 
@@ -26,8 +26,12 @@ class CrossEntropy(Method):
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         return F.cross_entropy(
-            as_float(step.student_logits), step.labels, reduction="none", label_smoothing=self.params.label_smoothing
+            as_float(step.student.logits), step.labels, reduction="none", label_smoothing=self.params.label_smoothing
         )
+
+
+def _teacher_logits() -> Needs:
+    return {TEACHER: Reads(logits=True)}
 
 
 class HintonKDParams(MethodParams):
@@ -44,17 +48,13 @@ class HintonKD(Method):
     Params = HintonKDParams
 
     def needs(self) -> Needs:
-        return Needs(teacher_logits=True)
-
-    def soft(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits the KL term compares (a variant standardises them)."""
-        return logits
+        return _teacher_logits()
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         p = self.params
-        z_s, z_t = as_float(step.student_logits), as_float(step.teacher_logits)
+        z_s, z_t = as_float(step.student.logits), as_float(step.sources[TEACHER].logits)
         ce = F.cross_entropy(z_s, step.labels, reduction="none")
-        return p.alpha * ce + (1 - p.alpha) * soft_kl(self.soft(z_s), self.soft(z_t), p.temperature)
+        return p.alpha * ce + (1 - p.alpha) * soft_kl(z_s, z_t, p.temperature)
 
 
 class DKDParams(MethodParams):
@@ -79,11 +79,11 @@ class DKD(Method):
     Params = DKDParams
 
     def needs(self) -> Needs:
-        return Needs(teacher_logits=True)
+        return _teacher_logits()
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         p, t = self.params, self.params.temperature
-        z_s, z_t = as_float(step.student_logits) / t, as_float(step.teacher_logits) / t
+        z_s, z_t = as_float(step.student.logits) / t, as_float(step.sources[TEACHER].logits) / t
         gt = F.one_hot(step.labels, z_s.shape[1]).bool()
         p_s, p_t = F.softmax(z_s, dim=1), F.softmax(z_t, dim=1)
         b_s = torch.stack([p_s[gt], (p_s * ~gt).sum(1)], dim=1).clamp_min(1e-12)
@@ -105,7 +105,7 @@ def standardise(logits: torch.Tensor) -> torch.Tensor:
     return (logits - logits.mean(1, keepdim=True)) / (1e-7 + logits.std(1, keepdim=True))
 
 
-class StandardisedKD(HintonKD):
+class StandardisedKD(Method):
     """Sun et al. 2024, logit-standardised KD: Hinton KD on per-sample standardised logits of both models,
     alpha·CE(z_s, y) + (1 − alpha)·T²·KL(softmax(ẑ_t/T) ‖ softmax(ẑ_s/T))."""
 
@@ -113,5 +113,11 @@ class StandardisedKD(HintonKD):
     summary = "KD on logits standardised per sample ((z - mean) / std), plus alpha·CE"
     Params = StandardisedKDParams
 
-    def soft(self, logits: torch.Tensor) -> torch.Tensor:
-        return standardise(logits)
+    def needs(self) -> Needs:
+        return _teacher_logits()
+
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        p = self.params
+        z_s, z_t = as_float(step.student.logits), as_float(step.sources[TEACHER].logits)
+        ce = F.cross_entropy(z_s, step.labels, reduction="none")
+        return p.alpha * ce + (1 - p.alpha) * soft_kl(standardise(z_s), standardise(z_t), p.temperature)
