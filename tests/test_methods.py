@@ -94,10 +94,20 @@ def standardised_kd(z_s, z_t, labels, ce_weight, kd_weight, T) -> float:
     return expected / B
 
 
-def test_kd_std_matches_the_published_formula(logits):
+def test_kd_std_defaults_are_the_papers_cifar_setting(logits):
+    """0.1·CE + 9·KD at T=2 on standardised logits (Sun et al. 2024), not 0.1·CE + 0.9·KD."""
     z_s, z_t, labels = logits
-    got = make("kd_std", alpha=0.3, temperature=2.0)(step(z_s, labels, z_t)).mean()
-    assert abs(got.item() - standardised_kd(z_s, z_t, labels, 0.3, 0.7, 2.0)) < ATOL
+    got = make("kd_std")(step(z_s, labels, z_t)).mean()
+    assert abs(got.item() - standardised_kd(z_s, z_t, labels, 0.1, 9.0, 2.0)) < ATOL
+
+
+def test_kd_std_matches_the_published_formula_and_reads_older_recipes(logits):
+    z_s, z_t, labels = logits
+    got = make("kd_std", ce_weight=0.3, kd_weight=4.0, temperature=3.0)(step(z_s, labels, z_t)).mean()
+    assert abs(got.item() - standardised_kd(z_s, z_t, labels, 0.3, 4.0, 3.0)) < ATOL
+    # a recipe written by an earlier kdcli says alpha: alpha·CE + (1 − alpha)·T²·KL, as it meant then
+    legacy = make("kd_std", alpha=0.3, temperature=2.0)(step(z_s, labels, z_t)).mean()
+    assert abs(legacy.item() - standardised_kd(z_s, z_t, labels, 0.3, 0.7, 2.0)) < ATOL
 
 
 # ---------------------------------------------------------------- feature

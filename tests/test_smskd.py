@@ -95,7 +95,7 @@ def test_methods_command_lists_every_method_with_defaults(cli):
     assert rows["sp"]["parameters"]["weight"]["default"] == 3000
     assert rows["pkt"]["parameters"]["weight"]["default"] == 30000
     assert [rows["dkd"]["parameters"][k]["default"] for k in ("alpha", "beta", "temperature", "warmup")] == [1, 8, 4, 20]
-    assert rows["kd_std"]["parameters"]["temperature"]["default"] == 2
+    assert [rows["kd_std"]["parameters"][k]["default"] for k in ("ce_weight", "kd_weight", "temperature")] == [0.1, 9, 2]
     anchor = rows["anchor"]["parameters"]
     assert [anchor[k]["default"] for k in ("weighting", "tcp", "lambda", "temperature")] == ["tcp", "true-class", 1, 4]
     assert rows["anchor"]["reads"] == "reference logits; teacher logits"

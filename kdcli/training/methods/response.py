@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kdcli.training.methods.base import TEACHER, Method, MethodParams, Needs, Reads, StepInputs
 from kdcli.training.methods.functional import as_float, soft_kl
@@ -96,8 +96,24 @@ class DKD(Method):
 
 class StandardisedKDParams(MethodParams):
     method: Literal["kd_std"] = "kd_std"
-    alpha: float = Field(0.1, ge=0, le=1, description="weight of the hard-label cross-entropy; 1-alpha goes to KL")
+    ce_weight: float = Field(0.1, ge=0, description="weight of the hard-label cross-entropy")
+    kd_weight: float = Field(9.0, ge=0, description="weight of the T²·KL term on standardised logits")
     temperature: float = Field(2.0, gt=0, description="base temperature T, applied to the standardised logits")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_alpha(cls, raw: Any) -> Any:
+        """Recipes written by earlier kdcli versions give `alpha`, meaning alpha·CE + (1 − alpha)·T²·KL: kept as meant."""
+        if not isinstance(raw, dict) or "alpha" not in raw:
+            return raw
+        if "ce_weight" in raw or "kd_weight" in raw:
+            raise ValueError("give either alpha (older recipes) or ce_weight and kd_weight, not both")
+        raw = dict(raw)
+        alpha = raw.pop("alpha")
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 <= alpha <= 1:
+            raw.update(ce_weight=alpha, kd_weight=1 - alpha)
+            return raw
+        raise ValueError(f"alpha must be a number from 0 to 1 (got {alpha!r}); or give ce_weight and kd_weight")
 
 
 def standardise(logits: torch.Tensor) -> torch.Tensor:
@@ -106,11 +122,12 @@ def standardise(logits: torch.Tensor) -> torch.Tensor:
 
 
 class StandardisedKD(Method):
-    """Sun et al. 2024, logit-standardised KD: Hinton KD on per-sample standardised logits of both models,
-    alpha·CE(z_s, y) + (1 − alpha)·T²·KL(softmax(ẑ_t/T) ‖ softmax(ẑ_s/T))."""
+    """Sun et al. 2024, logit-standardised KD: KD on per-sample standardised logits of both models,
+    ce_weight·CE(z_s, y) + kd_weight·T²·KL(softmax(ẑ_t/T) ‖ softmax(ẑ_s/T)). The defaults are the paper's
+    CIFAR setting (CE weight 0.1, KD weight 9, base temperature 2)."""
 
     name = "kd_std"
-    summary = "KD on logits standardised per sample ((z - mean) / std), plus alpha·CE"
+    summary = "KD on logits standardised per sample ((z - mean) / std): ce_weight·CE + kd_weight·T²·KL"
     Params = StandardisedKDParams
 
     def needs(self) -> Needs:
@@ -120,4 +137,4 @@ class StandardisedKD(Method):
         p = self.params
         z_s, z_t = as_float(step.student.logits), as_float(step.sources[TEACHER].logits)
         ce = F.cross_entropy(z_s, step.labels, reduction="none")
-        return p.alpha * ce + (1 - p.alpha) * soft_kl(standardise(z_s), standardise(z_t), p.temperature)
+        return p.ce_weight * ce + p.kd_weight * soft_kl(standardise(z_s), standardise(z_t), p.temperature)
