@@ -53,10 +53,6 @@ class DataSettings(_Strict):
 class AnchorSettings(AnchorFields):
     """The stage's `anchor:` block: shorthand for an `anchor` loss (weight 1) with these settings."""
 
-    weighting: Literal["none", "fixed", "tcp"] = Field(
-        "none", description="none: no reference; fixed: lambda per sample; tcp: (1 - teacher probability) * lambda"
-    )
-
     def as_loss(self) -> AnchorParams | None:
         if self.weighting == "none":
             return None

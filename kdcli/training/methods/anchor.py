@@ -20,10 +20,13 @@ from kdcli.training.methods.functional import soft_kl
 
 
 class AnchorFields(BaseModel):
-    """The anchor's settings shared by the loss and the recipe's `anchor:` shorthand."""
+    """The anchor's settings shared by the loss and the recipe's `anchor:` shorthand (which also allows none)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    weighting: Literal["none", "fixed", "tcp"] = Field(
+        "none", description="none: no reference; fixed: lambda per sample; tcp: (1 - teacher probability) * lambda"
+    )
     tcp: Literal["true-class", "max"] = Field(
         "true-class", description="which teacher probability tcp uses: of the true class, or the largest"
     )
@@ -31,10 +34,10 @@ class AnchorFields(BaseModel):
     temperature: float = Field(4.0, gt=0, description="temperature T_a of the anchor KL")
 
 
-class AnchorParams(MethodParams, AnchorFields):
+class AnchorParams(AnchorFields, MethodParams):
     method: Literal["anchor"] = "anchor"
     weighting: Literal["fixed", "tcp"] = Field(
-        "tcp", description="fixed: λ per sample; tcp: (1 - teacher probability) · λ"
+        "tcp", description="fixed: lambda per sample; tcp: (1 - teacher probability) * lambda"
     )
 
 

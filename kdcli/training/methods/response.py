@@ -40,21 +40,36 @@ class HintonKDParams(MethodParams):
     temperature: float = Field(4.0, gt=0, description="softmax temperature T of teacher and student")
 
 
-class HintonKD(Method):
+class _SoftTargets(Method):
+    """ce_weight·CE(z_s, y) + kd_weight·T²·KL(softmax(soft(z_t)/T) ‖ softmax(soft(z_s)/T)), per sample."""
+
+    def needs(self) -> Needs:
+        return _teacher_logits()
+
+    def weights(self) -> tuple[float, float]:  # pragma: no cover - abstract
+        """(weight of the cross-entropy, weight of the KL term)."""
+        raise NotImplementedError
+
+    def soft(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits the KL term compares (a variant standardises them)."""
+        return logits
+
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        ce_weight, kd_weight = self.weights()
+        z_s, z_t = as_float(step.student.logits), as_float(step.sources[TEACHER].logits)
+        ce = F.cross_entropy(z_s, step.labels, reduction="none")
+        return ce_weight * ce + kd_weight * soft_kl(self.soft(z_s), self.soft(z_t), self.params.temperature)
+
+
+class HintonKD(_SoftTargets):
     """Hinton et al. 2015: alpha·CE(z_s, y) + (1-alpha)·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))."""
 
     name = "kd"
     summary = "Hinton KD: soft teacher targets at temperature T, plus alpha·CE"
     Params = HintonKDParams
 
-    def needs(self) -> Needs:
-        return _teacher_logits()
-
-    def forward(self, step: StepInputs) -> torch.Tensor:
-        p = self.params
-        z_s, z_t = as_float(step.student.logits), as_float(step.sources[TEACHER].logits)
-        ce = F.cross_entropy(z_s, step.labels, reduction="none")
-        return p.alpha * ce + (1 - p.alpha) * soft_kl(z_s, z_t, p.temperature)
+    def weights(self) -> tuple[float, float]:
+        return self.params.alpha, 1 - self.params.alpha
 
 
 class DKDParams(MethodParams):
@@ -121,7 +136,7 @@ def standardise(logits: torch.Tensor) -> torch.Tensor:
     return (logits - logits.mean(1, keepdim=True)) / (1e-7 + logits.std(1, keepdim=True))
 
 
-class StandardisedKD(Method):
+class StandardisedKD(_SoftTargets):
     """Sun et al. 2024, logit-standardised KD: KD on per-sample standardised logits of both models,
     ce_weight·CE(z_s, y) + kd_weight·T²·KL(softmax(ẑ_t/T) ‖ softmax(ẑ_s/T)). The defaults are the paper's
     CIFAR setting (CE weight 0.1, KD weight 9, base temperature 2)."""
@@ -130,11 +145,8 @@ class StandardisedKD(Method):
     summary = "KD on logits standardised per sample ((z - mean) / std): ce_weight·CE + kd_weight·T²·KL"
     Params = StandardisedKDParams
 
-    def needs(self) -> Needs:
-        return _teacher_logits()
+    def weights(self) -> tuple[float, float]:
+        return self.params.ce_weight, self.params.kd_weight
 
-    def forward(self, step: StepInputs) -> torch.Tensor:
-        p = self.params
-        z_s, z_t = as_float(step.student.logits), as_float(step.sources[TEACHER].logits)
-        ce = F.cross_entropy(z_s, step.labels, reduction="none")
-        return p.ce_weight * ce + p.kd_weight * soft_kl(standardise(z_s), standardise(z_t), p.temperature)
+    def soft(self, logits: torch.Tensor) -> torch.Tensor:
+        return standardise(logits)
