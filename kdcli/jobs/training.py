@@ -24,8 +24,7 @@ from kdcli.jobs.common import check_out, probe, resolve_device, subject
 from kdcli.jobs.resume import check_same_run, identity, open_resume
 from kdcli.models.checkpoint import LoadedModel, fresh_model, is_checkpoint_ref, load_checkpoint, save_timm_folder
 from kdcli.models.preprocessing import own_config, student_data_config
-from kdcli.training.engine import Listener, StopRequested, TrainingData
-from kdcli.training.engine import Term
+from kdcli.training.engine import Listener, StopRequested, Term, TrainingData
 from kdcli.training.pipeline import Checkpoint, Models, StageOutcome, check_plan, restore_models, run_stages
 from kdcli.training.recipe import Recipe
 from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals

@@ -55,7 +55,7 @@ def merge_needs(needs: Iterable[Needs]) -> dict[str, Reads]:
 
 @dataclass
 class Outputs:
-    """What one model produced on the step's batch (logits unless nothing read them; features by tap key)."""
+    """What one model produced on the step's batch: its logits, and its features by tap key."""
 
     logits: torch.Tensor | None = None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
