@@ -31,9 +31,9 @@ class PlainProgress:
         return None
 
     def stage_started(self, plan: StagePlan, steps_per_epoch: int) -> None:
-        terms = ", ".join(f"{w:g}×{name}" for name, w, _ in plan.losses)
-        anchor = "" if plan.reference is None else f" + anchor ({plan.anchor.weighting})"
-        print(f"{self.label}stage {plan.index} '{plan.name}': {plan.epochs} epochs of {terms}{anchor}",
+        terms = ", ".join(f"{term.weight:g}×{term.name}" for term in plan.terms)
+        reads = f" (reads {', '.join(plan.sources)})" if plan.sources else ""
+        print(f"{self.label}stage {plan.index} '{plan.name}': {plan.epochs} epochs of {terms}{reads}",
               file=sys.stderr, flush=True)
 
     def step_done(self) -> None:

@@ -132,6 +132,21 @@ def unsafe_pickle(c):
     return ["convert", c.tmp / "ckpt.pth", "--arch", "test_resnet", "--out", c.out]
 
 
+def overflowing(c, name):
+    """A copy of the session's teacher whose classifier weights are scaled up to near float32's limit: every
+    weight finite, but the logits overflow to ±inf."""
+    folder = c.folder(name)
+    with safetensors.safe_open(str(c.teacher / "model.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = safetensors.torch.load_file(str(c.teacher / "model.safetensors"))
+    weight = tensors["fc.weight"].double()
+    tensors["fc.weight"] = (weight * (3e38 / weight.abs().max())).float()
+    assert all(t.isfinite().all() for t in tensors.values() if t.is_floating_point())
+    safetensors.torch.save_file(tensors, str(folder / "model.safetensors"), metadata=metadata)
+    (folder / "config.json").write_bytes((c.teacher / "config.json").read_bytes())
+    return folder
+
+
 def incomplete_cifar(c):
     folder = c.folder("cifar-10-batches-py")
     (folder / "data_batch_1").write_bytes(b"")
@@ -188,6 +203,19 @@ CASES = {
         lambda c: c.distill(None, "test_efficientnet", "--set", "stages.0.epochs"), ["expected key=value"]),
     "train-zero-epochs": (
         lambda c: ["train", "test_resnet", "--data", DATA, "--out", c.out, "--epochs", "0"], ["--epochs 0"]),
+    # training
+    "teacher-outputs-not-finite": (
+        lambda c: c.distill(overflowing(c, "hot")),
+        ["the teacher's outputs are not finite at stage 'kd' epoch 1 step 1; check its weights and preprocessing"]),
+    "reference-outputs-not-finite": (
+        lambda c: c.distill(None, overflowing(c, "hot"), "--set", "stages.0.anchor.weighting=fixed"),
+        ["the reference's outputs are not finite at stage 'kd' epoch 1 step 1; it is the student's starting weights"]),
+    "student-outputs-not-finite": (
+        lambda c: c.distill(None, overflowing(c, "hot")),
+        ["the student's outputs are not finite at stage 'kd' epoch 1 step 1; check its starting weights"]),
+    "loss-not-finite-before-checkpoint": (  # no checkpoint yet: the line promises none
+        lambda c: c.distill(None, "test_efficientnet", "--set", "optimizer.lr=1e6"),
+        ["stage 'kd' epoch 1 step ", "is not finite; lower the learning rate or that term's weight"]),
     "image-size-too-small": (
         lambda c: c.distill(None, "test_vit", "--set", "data.image_size=8"), ["cannot take 8x8", "data.image_size"]),
     # data

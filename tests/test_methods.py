@@ -10,12 +10,12 @@ import pytest
 import timm
 import torch
 
-from kdcli.training.anchor import frozen_copy
-from kdcli.training.engine import StagePlan, loss_terms
 from kdcli.errors import KdcliError
-from kdcli.training.methods import REGISTRY, StepInputs
-from kdcli.training.pipeline import Models, check_plan
+from kdcli.training.engine import loss_terms, step_inputs
+from kdcli.training.methods import REGISTRY, Outputs, StepInputs
+from kdcli.training.pipeline import Models, check_plan, stage_plan
 from kdcli.training.recipe import validate_recipe
+from kdcli.training.sources import Batch
 
 B, C = 6, 5
 ATOL = 1e-6
@@ -24,6 +24,11 @@ ATOL = 1e-6
 def make(name: str, **params):
     method = REGISTRY[name](REGISTRY[name].Params(method=name, **params))
     return method.double()
+
+
+def step(z_s, labels, z_t=None, student_features=None, teacher_features=None, epoch=0) -> StepInputs:
+    teacher = Outputs(z_t, teacher_features or {})
+    return StepInputs(Outputs(z_s, student_features or {}), labels, {"teacher": teacher}, epoch)
 
 
 @pytest.fixture
@@ -67,15 +72,14 @@ def test_dkd_matches_the_published_formula(logits):
         total += alpha * tckd + beta * nckd
     expected = total / B * min((epoch + 1) / warmup, 1.0)  # epoch is 0-based: epoch 4 = 5th epoch -> 5/20
     method = make("dkd", alpha=alpha, beta=beta, temperature=T, warmup=warmup)
-    got = method(StepInputs(student_logits=z_s, labels=labels, teacher_logits=z_t, epoch=epoch)).mean()
+    got = method(step(z_s, labels, z_t, epoch=epoch)).mean()
     assert abs(got.item() - expected) < ATOL
-    late = method(StepInputs(student_logits=z_s, labels=labels, teacher_logits=z_t, epoch=40)).mean()
+    late = method(step(z_s, labels, z_t, epoch=40)).mean()
     assert abs(late.item() - total / B) < ATOL
 
 
-def test_kd_std_matches_the_published_formula(logits):
-    z_s, z_t, labels = logits
-    alpha, T = 0.3, 2.0
+def standardised_kd(z_s, z_t, labels, ce_weight, kd_weight, T) -> float:
+    """Sun et al. 2024: ce_weight·CE + kd_weight·T²·KL on (z − mean) / (1e-7 + unbiased std), batch mean."""
 
     def standardise(row: list[float]) -> list[float]:
         mean = sum(row) / len(row)
@@ -86,10 +90,24 @@ def test_kd_std_matches_the_published_formula(logits):
     for i in range(B):
         s = softmax([v / T for v in standardise(z_s[i].tolist())])
         t = softmax([v / T for v in standardise(z_t[i].tolist())])
-        expected += alpha * ce(z_s[i].tolist(), int(labels[i])) + (1 - alpha) * T**2 * kl(t, s)
-    expected /= B
-    got = make("kd_std", alpha=alpha, temperature=T)(StepInputs(z_s, labels, z_t)).mean()
-    assert abs(got.item() - expected) < ATOL
+        expected += ce_weight * ce(z_s[i].tolist(), int(labels[i])) + kd_weight * T**2 * kl(t, s)
+    return expected / B
+
+
+def test_kd_std_defaults_are_the_papers_cifar_setting(logits):
+    """0.1·CE + 9·KD at T=2 on standardised logits (Sun et al. 2024), not 0.1·CE + 0.9·KD."""
+    z_s, z_t, labels = logits
+    got = make("kd_std")(step(z_s, labels, z_t)).mean()
+    assert abs(got.item() - standardised_kd(z_s, z_t, labels, 0.1, 9.0, 2.0)) < ATOL
+
+
+def test_kd_std_matches_the_published_formula_and_reads_older_recipes(logits):
+    z_s, z_t, labels = logits
+    got = make("kd_std", ce_weight=0.3, kd_weight=4.0, temperature=3.0)(step(z_s, labels, z_t)).mean()
+    assert abs(got.item() - standardised_kd(z_s, z_t, labels, 0.3, 4.0, 3.0)) < ATOL
+    # a recipe written by an earlier kdcli says alpha: alpha·CE + (1 − alpha)·T²·KL, as it meant then
+    legacy = make("kd_std", alpha=0.3, temperature=2.0)(step(z_s, labels, z_t)).mean()
+    assert abs(legacy.item() - standardised_kd(z_s, z_t, labels, 0.3, 0.7, 2.0)) < ATOL
 
 
 # ---------------------------------------------------------------- feature
@@ -104,15 +122,16 @@ def test_fitnets_matches_mse_of_connector_output_over_two_pairs():
     f_s2, f_t2 = fixed_maps((B, 4), 3), fixed_maps((B, 6), 4)  # penultimate vectors: linear + BN
     pairs = [{"student": {"feature": 1}, "teacher": {"feature": 2}}, {"student": "penultimate", "teacher": "penultimate"}]
     method = make("fitnets", pairs=pairs)
-    method.setup({"feature:1": f_s1.shape, "penultimate": f_s2.shape}, {"feature:2": f_t1.shape, "penultimate": f_t2.shape})
+    method.setup({"student": {"feature:1": f_s1.shape, "penultimate": f_s2.shape},
+                  "teacher": {"feature:2": f_t1.shape, "penultimate": f_t2.shape}})
     method.double().train()
     g = torch.Generator().manual_seed(5)
     for p in method.parameters():
         p.data = torch.randn(p.shape, generator=g, dtype=torch.float64)
-    step = StepInputs(student_logits=torch.zeros(B, C), labels=torch.zeros(B, dtype=torch.long),
-                      student_features={"feature:1": f_s1, "penultimate": f_s2},
-                      teacher_features={"feature:2": f_t1, "penultimate": f_t2})
-    got = method(step).mean().item()
+    inputs = step(torch.zeros(B, C), torch.zeros(B, dtype=torch.long),
+                  student_features={"feature:1": f_s1, "penultimate": f_s2},
+                  teacher_features={"feature:2": f_t1, "penultimate": f_t2})
+    got = method(inputs).mean().item()
 
     conv_w = method.connectors[0][0].weight[:, :, 0, 0].detach().tolist()  # [5, 3]
     bn1, lin, bn2 = method.connectors[0][1], method.connectors[1][0].weight.detach().tolist(), method.connectors[1][1]
@@ -160,16 +179,16 @@ def test_at_matches_the_published_formula():
         sum((a - b) ** 2 for a, b in zip(attention(f_s, i, 2, 2), attention(f_t, i, 2, 1))) / 4 for i in range(B)
     ) / B
     method = make("at", p=p, pairs=[{"student": {"feature": 1}, "teacher": {"feature": 1}}])
-    step = StepInputs(torch.zeros(B, C), torch.zeros(B, dtype=torch.long),
-                      student_features={"feature:1": f_s}, teacher_features={"feature:1": f_t})
-    assert abs(method(step).mean().item() - expected) < ATOL
+    inputs = step(torch.zeros(B, C), torch.zeros(B, dtype=torch.long),
+                  student_features={"feature:1": f_s}, teacher_features={"feature:1": f_t})
+    assert abs(method(inputs).mean().item() - expected) < ATOL
 
 
 def test_at_refuses_token_features():
     method = make("at")
     with pytest.raises(KdcliError, match="not a spatial map"):
-        method.setup({"feature:-3": torch.Size([2, 5, 64]), "feature:-2": torch.Size([2, 5, 64])},
-                     {"feature:-3": torch.Size([2, 8, 4, 4]), "feature:-2": torch.Size([2, 8, 2, 2])})
+        method.setup({"student": {"feature:-3": torch.Size([2, 5, 64]), "feature:-2": torch.Size([2, 5, 64])},
+                      "teacher": {"feature:-3": torch.Size([2, 8, 4, 4]), "feature:-2": torch.Size([2, 8, 2, 2])}})
 
 
 # ---------------------------------------------------------------- relation
@@ -177,8 +196,8 @@ def test_at_refuses_token_features():
 
 def relation_step(d_s=4, d_t=3, seed=8):
     e_s, e_t = fixed_maps((B, d_s), seed), fixed_maps((B, d_t), seed + 1)
-    return e_s, e_t, StepInputs(torch.zeros(B, C), torch.zeros(B, dtype=torch.long),
-                                student_features={"penultimate": e_s}, teacher_features={"penultimate": e_t})
+    return e_s, e_t, step(torch.zeros(B, C), torch.zeros(B, dtype=torch.long),
+                          student_features={"penultimate": e_s}, teacher_features={"penultimate": e_t})
 
 
 def smooth_l1(a: float, b: float) -> float:
@@ -187,7 +206,7 @@ def smooth_l1(a: float, b: float) -> float:
 
 
 def test_rkd_matches_the_published_formula():
-    e_s, e_t, step = relation_step()
+    e_s, e_t, inputs = relation_step()
 
     def distances(e):
         d = [[math.dist(e[i].tolist(), e[j].tolist()) for j in range(B)] for i in range(B)]
@@ -207,7 +226,7 @@ def test_rkd_matches_the_published_formula():
     ds, dt = distances(e_s), distances(e_t)
     dist = sum(smooth_l1(ds[i][j], dt[i][j]) for i in range(B) for j in range(B)) / B**2
     angle = sum(smooth_l1(a, b) for a, b in zip(angles(e_s), angles(e_t))) / B**3
-    got = make("rkd", distance=25, angle=50)(step).mean().item()
+    got = make("rkd", distance=25, angle=50)(inputs).mean().item()
     assert abs(got - (25 * dist + 50 * angle)) < ATOL
 
 
@@ -221,13 +240,13 @@ def test_sp_matches_the_published_formula():
 
     gs, gt = gram(f_s), gram(f_t)
     expected = sum((gt[i][j] - gs[i][j]) ** 2 for i in range(B) for j in range(B)) / B**2
-    step = StepInputs(torch.zeros(B, C), torch.zeros(B, dtype=torch.long),
-                      student_features={"feature:-1": f_s}, teacher_features={"feature:-1": f_t})
-    assert abs(make("sp")(step).mean().item() - expected) < ATOL
+    inputs = step(torch.zeros(B, C), torch.zeros(B, dtype=torch.long),
+                  student_features={"feature:-1": f_s}, teacher_features={"feature:-1": f_t})
+    assert abs(make("sp")(inputs).mean().item() - expected) < ATOL
 
 
 def test_pkt_matches_the_published_formula():
-    e_s, e_t, step = relation_step(seed=12)
+    e_s, e_t, inputs = relation_step(seed=12)
     eps = 1e-7
 
     def distribution(e):
@@ -237,7 +256,7 @@ def test_pkt_matches_the_published_formula():
 
     s, t = distribution(e_s), distribution(e_t)
     expected = sum(t[i][j] * math.log((t[i][j] + eps) / (s[i][j] + eps)) for i in range(B) for j in range(B)) / B**2
-    assert abs(make("pkt")(step).mean().item() - expected) < ATOL
+    assert abs(make("pkt")(inputs).mean().item() - expected) < ATOL
 
 
 # ---------------------------------------------------------------- gradients
@@ -248,6 +267,7 @@ ALL = [
     {"method": "fitnets", "pairs": [{"student": {"feature": -2}, "teacher": {"feature": -2}},
                                     {"student": {"feature": 1}, "teacher": {"feature": 2}}]},
     {"method": "at"}, {"method": "rkd"}, {"method": "sp"}, {"method": "pkt"},
+    {"method": "fitnets", "pairs": [{"student": {"module": "conv_stem"}, "teacher": {"module": "layer1.0.bn2"}}]},
 ]
 
 
@@ -257,16 +277,16 @@ def test_gradients_reach_student_and_connectors_never_teacher_or_reference():
                                           "anchor": {"weighting": "tcp"}}]}, "test")
     student = timm.create_model("test_efficientnet", num_classes=10)
     teacher = timm.create_model("test_resnet", num_classes=10).eval().requires_grad_(False)
-    (losses,) = check_plan(recipe, Models(student, True, teacher, 32))
-    stage = recipe.stages[0]
-    reference = frozen_copy(student)
+    models = Models(student, True, teacher, 32)
+    (terms_,) = check_plan(recipe, models)
+    plan = stage_plan(recipe, 0, terms_, models)  # the reference: a frozen copy of the student now
+    reference = plan.sources["reference"].model
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    plan = StagePlan(index=0, name="all", epochs=1, student=student, teacher=teacher, reference=reference,
-                     losses=losses, anchor=stage.anchor, optimizer=stage.optimizer, schedule=stage.schedule)
-    terms = loss_terms(plan, plan.needs(), torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)), epoch=0)
-    assert set(terms) == {"ce", "kd", "dkd", "kd_std", "fitnets", "at", "rkd", "sp", "pkt", "anchor"}
+    batch = Batch(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)), torch.arange(8), 0, 0)
+    terms = loss_terms(plan, step_inputs(plan, plan.needs(), batch))
+    assert set(terms) == {"ce", "kd", "dkd", "kd_std", "fitnets#1", "fitnets#2", "at", "rkd", "sp", "pkt", "anchor"}
     for name, value in terms.items():  # each term alone reaches the student
         assert torch.isfinite(value), name
         if name == "ce":
@@ -274,9 +294,9 @@ def test_gradients_reach_student_and_connectors_never_teacher_or_reference():
         grads = torch.autograd.grad(value, list(student.parameters()), retain_graph=True, allow_unused=True)
         assert sum(g.abs().sum().item() for g in grads if g is not None) > 0, name
     sum(terms.values()).backward()
-    fitnets = next(m for n, _, m in losses if n == "fitnets")
+    fitnets = next(t.method for t in terms_ if t.name == "fitnets#1")
     assert len(fitnets.connectors) == 2
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fitnets.parameters())
-    assert all(p in set(plan.trainable()) for p in fitnets.parameters())
+    assert fitnets in plan.trained()
     for frozen in (teacher, reference):
         assert all(p.grad is None and not p.requires_grad for p in frozen.parameters())

@@ -88,17 +88,20 @@ def test_methods_command_lists_every_method_with_defaults(cli):
     result = cli("methods", "--json")
     assert result.code == 0
     rows = {row["name"]: row for row in result.json()["methods"]}
-    assert {"ce", "kd", "fitnets", "at", "rkd", "sp", "pkt", "dkd", "kd_std"} <= set(rows)
+    assert {"ce", "kd", "fitnets", "at", "rkd", "sp", "pkt", "dkd", "kd_std", "anchor"} <= set(rows)
     assert rows["fitnets"]["parameters"]["weight"]["default"] == 100
     assert rows["at"]["parameters"]["p"]["default"] == 2 and rows["at"]["parameters"]["weight"]["default"] == 1000
     assert rows["rkd"]["parameters"]["distance"]["default"] == 25 and rows["rkd"]["parameters"]["angle"]["default"] == 50
     assert rows["sp"]["parameters"]["weight"]["default"] == 3000
     assert rows["pkt"]["parameters"]["weight"]["default"] == 30000
     assert [rows["dkd"]["parameters"][k]["default"] for k in ("alpha", "beta", "temperature", "warmup")] == [1, 8, 4, 20]
-    assert rows["kd_std"]["parameters"]["temperature"]["default"] == 2
+    assert [rows["kd_std"]["parameters"][k]["default"] for k in ("ce_weight", "kd_weight", "temperature")] == [0.1, 9, 2]
+    anchor = rows["anchor"]["parameters"]
+    assert [anchor[k]["default"] for k in ("weighting", "tcp", "lambda", "temperature")] == ["tcp", "true-class", 1, 4]
+    assert rows["anchor"]["reads"] == "reference logits; teacher logits"
     assert "penultimate" in rows["rkd"]["reads"] and rows["kd"]["reads"] == "teacher logits"
     table = cli("methods")
-    assert table.code == 0 and "fitnets" in table.out and "kd_std" in table.out
+    assert table.code == 0 and "fitnets" in table.out and "kd_std" in table.out and "anchor" in table.out
 
 
 def test_inspect_an_arch_and_a_checkpoint(cli, teacher_dir):
@@ -107,7 +110,7 @@ def test_inspect_an_arch_and_a_checkpoint(cli, teacher_dir):
     info = vit.json()
     assert info["arch"] == "test_vit" and info["image_size"] == 32 and info["params"] > 0
     by_key = {t["key"]: t for t in info["taps"]}
-    assert by_key["feature:5"]["module"] == "blocks.5" and by_key["feature:5"]["shape"] == [5, 64]
+    assert by_key["feature:5"]["module"] == "blocks.5" and by_key["feature:5"]["shape"] == [64, 2, 2]  # tokens as a map
     assert by_key["penultimate"]["shape"] == [64]
 
     saved = cli("inspect", teacher_dir, "--json").json()

@@ -1,13 +1,16 @@
 """Training and evaluation views of a data set, and the seeded loaders that serve them.
 
-Training views are deterministic: the augmentation of sample i in epoch e depends only on (seed, e, i),
-not on worker count or on what else drew random numbers, so a run and its resumption see the same batches.
+Training views are deterministic: the augmentation of sample i in epoch e of stage k depends only on
+(seed, k, e, i), not on worker count or on what else drew random numbers, so a run and its resumption see the
+same batches, and every stage and epoch sees views of its own. The loaders draw no number from torch's global
+generator either (they have their own), so a student's dropout draws the same numbers after a resume.
 Evaluation uses timm's own `create_transform` on the recorded data config, so `kdcli eval` and a timm user
 preprocess the exported student identically.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -21,19 +24,25 @@ from kdcli.data.config import DataConfig
 
 
 class TrainView(Dataset):
-    """Augmented training view; the random choices for sample i in epoch e are seeded by (seed, e, i)."""
+    """Augmented training view: (image, label, index); the random choices for sample i in epoch e of stage k
+    are seeded by (seed, k, e, i). `at(k, e)` gives the view of one stage's epoch."""
 
     def __init__(self, base: Dataset, config: DataConfig, hflip: bool, crop: str, seed: int):
         self.base, self.config, self.hflip, self.crop, self.seed = base, config, hflip, crop, seed
-        self.epoch = 0
+        self.stage = self.epoch = 0
         self._interp = InterpolationMode(config.interpolation if config.interpolation != "random" else "bilinear")
+
+    def at(self, stage: int, epoch: int) -> TrainView:
+        view = copy.copy(self)
+        view.stage, view.epoch = stage, epoch
+        return view
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         img, label = self.base[index]
-        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        rng = random.Random(f"{self.seed}/{self.stage}/{self.epoch}/{index}")
         size = self.config.image_size
         if self.crop == "resized":
             img = TF.resized_crop(img, *_resized_crop_box(img.size, rng), [size, size], self._interp)
@@ -45,7 +54,7 @@ class TrainView(Dataset):
                 img = TF.crop(TF.pad(img, pad), rng.randint(0, 2 * pad), rng.randint(0, 2 * pad), size, size)
         if self.hflip and rng.random() < 0.5:
             img = TF.hflip(img)
-        return TF.normalize(TF.to_tensor(img), self.config.mean, self.config.std), label
+        return TF.normalize(TF.to_tensor(img), self.config.mean, self.config.std), label, index
 
 
 def _resized_crop_box(image_size: tuple[int, int], rng: random.Random) -> tuple[int, int, int, int]:
@@ -93,12 +102,14 @@ def epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[lis
     return batches
 
 
-def train_loader(view: TrainView, batch_size: int, seed: int, epoch: int, workers: int,
+def train_loader(view: TrainView, batch_size: int, order_seed: int, stage: int, epoch: int, workers: int,
                  start_batch: int = 0) -> DataLoader:
-    """The loader of one epoch from its start_batch-th batch: order and views depend on (seed, epoch) only."""
-    view.epoch = epoch
-    batches = epoch_batches(len(view), batch_size, seed, epoch)[start_batch:]
-    return DataLoader(view, batch_sampler=batches, num_workers=workers)
+    """The loader of one epoch of a stage from its start_batch-th batch: the order depends on (order_seed, epoch),
+    the views on (the view's seed, stage, epoch). Its own generator: creating it draws nothing from torch's
+    global one (a DataLoader without one takes its workers' base seed from there)."""
+    batches = epoch_batches(len(view), batch_size, order_seed, epoch)[start_batch:]
+    generator = torch.Generator().manual_seed(order_seed * 1_000_003 + epoch)
+    return DataLoader(view.at(stage, epoch), batch_sampler=batches, num_workers=workers, generator=generator)
 
 
 def eval_loader(view: EvalView, batch_size: int, workers: int) -> DataLoader:

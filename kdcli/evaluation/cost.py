@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdcli.models.modes import evaluating
+
 LATENCY_WARMUP, LATENCY_RUNS = 5, 30
 THROUGHPUT_BATCH, THROUGHPUT_WARMUP, THROUGHPUT_RUNS = 32, 2, 5
 
@@ -20,13 +22,8 @@ def _images(batch: int, size: int, device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def count_macs(model: nn.Module, image_size: int, device: torch.device | str = "cpu") -> int:
     """Multiply-accumulates of one forward pass of one image: torch's FLOP count (2 per MAC) halved."""
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(_images(1, image_size, torch.device(device)))
-    finally:
-        model.train(was_training)
+    with evaluating(model), FlopCounterMode(display=False) as counter:
+        model(_images(1, image_size, torch.device(device)))
     return int(counter.get_total_flops()) // 2
 
 
@@ -51,13 +48,9 @@ def _timed_runs(model: nn.Module, images: torch.Tensor, warmup: int, runs: int) 
 
 def measure_speed(model: nn.Module, image_size: int, device: torch.device) -> dict:
     """Latency at batch 1 (median and p90 over repeated runs after warm-up) and throughput at a larger batch."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         single = _timed_runs(model, _images(1, image_size, device), LATENCY_WARMUP, LATENCY_RUNS)
         batch = _timed_runs(model, _images(THROUGHPUT_BATCH, image_size, device), THROUGHPUT_WARMUP, THROUGHPUT_RUNS)
-    finally:
-        model.train(was_training)
     ordered = sorted(single)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
     return {

@@ -6,17 +6,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kdcli.models.modes import evaluating
+
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [N, C] float32 on CPU, labels [N]) in loader order, model in eval mode."""
-    was_training = model.training
-    model.eval()
     logits, labels = [], []
-    for images, targets in loader:
-        logits.append(model(images.to(device, non_blocking=True)).float().cpu())
-        labels.append(targets)
-    model.train(was_training)
+    with evaluating(model):
+        for images, targets in loader:
+            logits.append(model(images.to(device, non_blocking=True)).float().cpu())
+            labels.append(targets)
     return torch.cat(logits), torch.cat(labels)
 
 

@@ -12,6 +12,7 @@ from kdcli.data import DataSource
 from kdcli.errors import KdcliError
 from kdcli.evaluation.assess import Subject
 from kdcli.models.checkpoint import LoadedModel, load_checkpoint
+from kdcli.models.modes import evaluating
 from kdcli.models.preprocessing import own_config
 from kdcli.training.trainstate import CHECKPOINT_NAME
 
@@ -53,14 +54,11 @@ def subject(ref: str, arch: str | None, role: str, flag: str, source: DataSource
 
 def probe(loaded: LoadedModel, size: int, role: str, device: torch.device) -> None:
     """One forward pass at the input size, so a size the architecture cannot take fails before training."""
-    was_training = loaded.model.training
     try:
-        with torch.no_grad():
-            loaded.model.eval()(torch.zeros(2, 3, size, size, device=device))
+        with torch.no_grad(), evaluating(loaded.model):
+            loaded.model(torch.zeros(2, 3, size, size, device=device))
     except (RuntimeError, ValueError, AssertionError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise KdcliError(
             f"the {role} {loaded.arch} cannot take {size}x{size} images ({reason}); set a larger data.image_size"
         ) from err
-    finally:
-        loaded.model.train(was_training)

@@ -24,8 +24,8 @@ from kdcli.jobs.common import check_out, probe, resolve_device, subject
 from kdcli.jobs.resume import check_same_run, identity, open_resume
 from kdcli.models.checkpoint import LoadedModel, fresh_model, is_checkpoint_ref, load_checkpoint, save_timm_folder
 from kdcli.models.preprocessing import own_config, student_data_config
-from kdcli.training.engine import Listener, StopRequested, TrainingData
-from kdcli.training.pipeline import Checkpoint, Losses, Models, StageOutcome, check_plan, restore_models, run_stages
+from kdcli.training.engine import Listener, StopRequested, Term, TrainingData
+from kdcli.training.pipeline import Checkpoint, Models, StageOutcome, check_plan, restore_models, run_stages
 from kdcli.training.recipe import Recipe
 from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals
 
@@ -46,10 +46,9 @@ class Run:
     teacher_config: DataConfig | None  # the teacher's own preprocessing
     baseline: Subject | None
     models: Models
-    all_losses: list[Losses]
+    all_terms: list[list[Term]]
     data: TrainingData
     checkpoint: Checkpoint
-    teacher_input: object  # batch prepared for the student -> batch for the teacher
     min_top1: float | None
     max_drop: float | None
     started: float
@@ -135,8 +134,9 @@ def prepare(
         val_loader=eval_loader(EvalView(source.val, config), settings.eval_batch_size, settings.workers),
         batch_size=settings.batch_size, workers=settings.workers, seed=recipe.seed,
     )
-    models = Models(student.model, student.pretrained, teacher.model if teacher else None, config.image_size)
-    all_losses = check_plan(recipe, models)
+    models = Models(student.model, student.pretrained, teacher.model if teacher else None, config.image_size,
+                    teacher_input)
+    all_terms = check_plan(recipe, models)
     fingerprint = {
         "kind": kind, "recipe": recipe.to_dict(), "data": source.description,
         "teacher": identity(teacher, teacher_ref), "student": identity(student, student_ref),
@@ -144,9 +144,9 @@ def prepare(
     checkpoint = Checkpoint(out / CHECKPOINT_NAME, fingerprint, tensors=tensors, state=state)
     if checkpoint.resuming:
         check_same_run(out, state["fingerprint"], fingerprint)
-        restore_models(checkpoint, models, all_losses)
+        restore_models(checkpoint, models, all_terms)
     return Run(kind, recipe, out, device, source, student, start, config, teacher, teacher_config, baseline, models,
-               all_losses, data, checkpoint, teacher_input, min_top1, max_drop, started)
+               all_terms, data, checkpoint, min_top1, max_drop, started)
 
 
 def train(run: Run, listener: Listener) -> list[StageOutcome]:
@@ -157,8 +157,7 @@ def train(run: Run, listener: Listener) -> list[StageOutcome]:
     with StopSignals() as signals:
         run.checkpoint.stop_requested = signals.requested
         try:
-            return run_stages(run.recipe, run.all_losses, run.models, run.data, run.device, listener, run.checkpoint,
-                              teacher_input=run.teacher_input)
+            return run_stages(run.recipe, run.all_terms, run.models, run.data, run.device, listener, run.checkpoint)
         except StopRequested as stop:
             where = run.recipe.stages[stop.position.stage].name
             raise Interrupted(

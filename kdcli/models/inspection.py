@@ -32,14 +32,10 @@ def method_rows() -> list[dict]:
     rows = []
     for name, cls in REGISTRY.items():
         params = cls.Params(method=name)
-        needs = cls(params).needs()
-        reads = []
-        if needs.teacher_logits:
-            reads.append("teacher logits")
-        if needs.student_taps or needs.teacher_taps:
-            reads.append(f"student {', '.join(needs.student_taps)}; teacher {', '.join(needs.teacher_taps)}")
+        reads = [f"{model} {', '.join((['logits'] if wanted.logits else []) + list(wanted.taps))}"
+                 for model, wanted in cls(params).needs().items()]
         fields = {
-            key: {"default": _default(getattr(params, key)), "description": field.description or ""}
+            field.alias or key: {"default": _default(getattr(params, key)), "description": field.description or ""}
             for key, field in cls.Params.model_fields.items() if key != "method"
         }
         rows.append({"name": name, "summary": cls.summary, "parameters": fields,

@@ -1,23 +1,32 @@
-"""One stage's training loop. It knows methods only through their interface (needs / forward)."""
+"""One stage's training loop. It knows methods and sources only through their interfaces: each step it runs the
+student, asks every source the stage reads for its outputs on the same batch, and sums the methods' losses."""
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from kdcli.models import taps
-from kdcli.training.anchor import anchor_loss, sample_weights
 from kdcli.data import TrainView, epoch_batches, train_loader
 from kdcli.errors import KdcliError
 from kdcli.evaluation.metrics import predict, topk_accuracy
-from kdcli.training.methods import Method, Needs, StepInputs
+from kdcli.models import taps
+from kdcli.training.methods import STUDENT, Method, Needs, Outputs, Reads, StepInputs, merge_needs
+from kdcli.training.optim import OptimizerSettings, ScheduleSettings, make_optimizer, make_schedule
+from kdcli.training.precision import MixedPrecision
+from kdcli.training.sources import Batch, Source
+
+
+@dataclass
+class Term:
+    """One weighted loss of a stage; `name` labels it in logs and reports (the method's, numbered if repeated)."""
+
+    name: str
+    weight: float
+    method: Method
 
 
 @dataclass
@@ -28,25 +37,18 @@ class StagePlan:
     name: str
     epochs: int
     student: nn.Module
-    teacher: nn.Module | None
-    reference: nn.Module | None
-    losses: list[tuple[str, float, Method]]  # (term name, weight, method)
-    anchor: object  # recipe AnchorSettings
-    optimizer: object  # recipe OptimizerSettings
-    schedule: object  # recipe ScheduleSettings
-    teacher_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    terms: list[Term]
+    sources: dict[str, Source]  # by name, every source the terms read
+    optimizer: OptimizerSettings
+    schedule: ScheduleSettings
 
     def needs(self) -> Needs:
-        """The union of what the stage's losses read, plus teacher logits for tcp weighting."""
-        wants = [m.needs() for _, _, m in self.losses]
-        return Needs(
-            teacher_logits=any(w.teacher_logits for w in wants) or self.anchor.weighting == "tcp",
-            student_taps=tuple(dict.fromkeys(k for w in wants for k in w.student_taps)),
-            teacher_taps=tuple(dict.fromkeys(k for w in wants for k in w.teacher_taps)),
-        )
+        """What the stage's losses read, per model: the union of their needs."""
+        return merge_needs(term.method.needs() for term in self.terms)
 
-    def trainable(self) -> list[nn.Parameter]:
-        return [*self.student.parameters(), *(p for _, _, m in self.losses for p in m.parameters())]
+    def trained(self) -> list[nn.Module]:
+        """What the optimizer updates: the student and the methods' own parameters (connectors)."""
+        return [self.student, *(term.method for term in self.terms)]
 
 
 @dataclass
@@ -57,7 +59,7 @@ class EpochRecord:
     train_loss: float
     terms: dict[str, float]
     val_top1: float
-    lr: float
+    lr: float  # the learning rate of the epoch's last step
     seconds: float
 
 
@@ -109,24 +111,38 @@ class StopRequested(Exception):
         self.position = position
 
 
-def make_optimizer(settings, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    if settings.name == "adamw":
-        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    return torch.optim.SGD(
-        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay,
-        nesterov=settings.nesterov and settings.momentum > 0,
-    )
+class NotFinite(KdcliError):
+    """A step's loss is not finite: `what` went wrong, and `advice`. Whoever knows what was saved words the line."""
+
+    def __init__(self, what: str, advice: str):
+        super().__init__(f"{what}; {advice}")
+        self.what, self.advice = what, advice
 
 
-def lr_factor(settings, step: int, total: int, steps_per_epoch: int) -> float:
-    """Multiplier of the base lr at a step: linear warm-up from 1%, then cosine to 0 or constant."""
-    warmup = round(settings.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return 0.01 + 0.99 * step / warmup
-    if settings.name == "constant":
-        return 1.0
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+def step_inputs(plan: StagePlan, needs: Needs, batch: Batch) -> StepInputs:
+    """The student's outputs and those of every source the stage reads, all on the same batch."""
+    logits, features = taps.forward(plan.student, batch.images, needs.get(STUDENT, Reads()).taps, STUDENT)
+    sources = {name: plan.sources[name].outputs(batch, reads) for name, reads in needs.items() if name != STUDENT}
+    return StepInputs(Outputs(logits, features), batch.labels, sources, batch.epoch)
+
+
+def loss_terms(plan: StagePlan, inputs: StepInputs) -> dict[str, torch.Tensor]:
+    """Every weighted loss term of the stage: weight · mean of the method's (per-sample) loss."""
+    return {term.name: term.weight * term.method(inputs).mean() for term in plan.terms}
+
+
+def not_finite(plan: StagePlan, inputs: StepInputs, terms: dict[str, torch.Tensor], where: str,
+               untrained: bool) -> NotFinite:
+    """Name the cause of a non-finite loss: a source whose outputs are not finite; the student's outputs before
+    any training step (its starting weights); else the first bad term."""
+    for name, outputs in inputs.sources.items():
+        if not outputs.finite():
+            return NotFinite(f"the {name}'s outputs are not finite at {where}", plan.sources[name].hint)
+    if untrained and not inputs.student.finite():
+        return NotFinite(f"the student's outputs are not finite at {where}",
+                         "check its starting weights and the preprocessing")
+    bad = next((name for name, value in terms.items() if not torch.isfinite(value)), "total")
+    return NotFinite(f"{where}: loss term '{bad}' is not finite", "lower the learning rate or that term's weight")
 
 
 class StageRunner:
@@ -135,28 +151,26 @@ class StageRunner:
     def __init__(self, plan: StagePlan, data: TrainingData, device: torch.device, listener: Listener):
         self.plan, self.data, self.device, self.listener = plan, data, device, listener
         self.needs = plan.needs()
-        self.seed = data.seed + 7919 * plan.index  # each stage its own data order
-        self.steps_per_epoch = len(epoch_batches(len(data.view), data.batch_size, self.seed, 0))
-        total = self.steps_per_epoch * plan.epochs
-        self.optimizer = make_optimizer(plan.optimizer, plan.trainable())
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(plan.schedule, step, total, self.steps_per_epoch)
-        )
-        self.amp = _Amp(device)
+        self.order_seed = data.seed + 7919 * plan.index  # each stage its own data order
+        self.steps_per_epoch = len(epoch_batches(len(data.view), data.batch_size, self.order_seed, 0))
+        self.optimizer = make_optimizer(plan.optimizer, plan.trained())
+        self.schedule = make_schedule(plan.schedule, self.optimizer, self.steps_per_epoch * plan.epochs,
+                                      self.steps_per_epoch)
+        self.precision = MixedPrecision(device)
 
     def state(self) -> dict:
         """Optimizer, schedule and loss-scaler state (tensors inside), to save with a checkpoint."""
         return {
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "scaler": self.amp.scaler.state_dict() if self.amp.scaler else None,
+            "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
         }
 
     def load_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
-        if self.amp.scaler and state.get("scaler"):
-            self.amp.scaler.load_state_dict(state["scaler"])
+        if self.precision.scaler and state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
 
     def run(self, start: Position, sums: EpochSums | None, history: list[EpochRecord], control: Control) -> None:
         """Train from `start` to the end of the stage, appending one record per epoch to history."""
@@ -170,89 +184,42 @@ class StageRunner:
             control.save(self, Position(plan.index, epoch + 1, 0), None)
 
     def _epoch(self, epoch: int, first_step: int, sums: EpochSums, control: Control) -> EpochRecord:
-        plan = self.plan
+        plan, data = self.plan, self.data
         started = time.perf_counter()
-        plan.student.train()
-        for _, _, method in plan.losses:
-            method.train()
-        loader = train_loader(self.data.view, self.data.batch_size, self.seed, epoch, self.data.workers, first_step)
-        for step, (images, labels) in enumerate(loader, start=first_step):
+        for module in plan.trained():
+            module.train()
+        loader = train_loader(data.view, data.batch_size, self.order_seed, plan.index, epoch, data.workers, first_step)
+        lr = self.optimizer.param_groups[0]["lr"]
+        for step, (images, labels, samples) in enumerate(loader, start=first_step):
             if control.stop_requested():
                 sums.seconds += time.perf_counter() - started
                 position = Position(plan.index, epoch, step)
                 control.save(self, position, sums)
                 raise StopRequested(position)
-            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            with self.amp.autocast():
-                terms = loss_terms(plan, self.needs, images, labels, epoch)
+            batch = Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True),
+                          samples, plan.index, epoch)
+            with self.precision.autocast():
+                inputs = step_inputs(plan, self.needs, batch)
+                terms = loss_terms(plan, inputs)
             loss = sum(terms.values())
             if not torch.isfinite(loss):
-                bad = next((n for n, t in terms.items() if not torch.isfinite(t)), "total")
-                raise KdcliError(
-                    f"stage '{plan.name}' epoch {epoch + 1} step {step + 1}: loss term '{bad}' is not finite; "
-                    "the last good checkpoint is kept; lower the learning rate or that term's weight"
-                )
+                where = f"stage '{plan.name}' epoch {epoch + 1} step {step + 1}"
+                raise not_finite(plan, inputs, terms, where, untrained=(plan.index, epoch, step) == (0, 0, 0))
+            lr = self.optimizer.param_groups[0]["lr"]  # the one this step uses; the schedule moves on after it
             self.optimizer.zero_grad(set_to_none=True)
-            self.amp.backward(loss, self.optimizer)
+            self.precision.backward(loss, self.optimizer)
             self.schedule.step()
             for name, value in terms.items():
                 sums.terms[name] = sums.terms.get(name, 0.0) + value.item() * len(labels)
             sums.seen += len(labels)
             self.listener.step_done()
-        val_logits, val_labels = predict(plan.student, self.data.val_loader, self.device)
+        val_logits, val_labels = predict(plan.student, data.val_loader, self.device)
         seen = max(sums.seen, 1)
         return EpochRecord(
             stage=plan.name, epoch=epoch + 1, epochs=plan.epochs,
             train_loss=sum(sums.terms.values()) / seen,
             terms={name: total / seen for name, total in sums.terms.items()},
             val_top1=topk_accuracy(val_logits, val_labels, 1),
-            lr=self.optimizer.param_groups[0]["lr"],
+            lr=lr,
             seconds=sums.seconds + time.perf_counter() - started,
         )
-
-
-def loss_terms(
-    plan: StagePlan, needs: Needs, images: torch.Tensor, labels: torch.Tensor, epoch: int
-) -> dict[str, torch.Tensor]:
-    """Forward student (and teacher/reference where needed) on the same batch; every weighted loss term."""
-    with ExitStack() as stack:
-        student_features = stack.enter_context(taps.capture(plan.student, needs.student_taps, "student"))
-        student_logits = plan.student(images)
-        teacher_logits, teacher_features = None, {}
-        if needs.teacher_logits or needs.teacher_taps:
-            teacher_features = stack.enter_context(taps.capture(plan.teacher, needs.teacher_taps, "teacher"))
-            with torch.no_grad():
-                teacher_logits = plan.teacher(plan.teacher_input(images))
-        inputs = StepInputs(
-            student_logits=student_logits, labels=labels, teacher_logits=teacher_logits,
-            student_features=dict(student_features), teacher_features=dict(teacher_features), epoch=epoch,
-        )
-        terms = {name: weight * method(inputs).mean() for name, weight, method in plan.losses}
-    if plan.reference is not None:
-        with torch.no_grad():
-            reference_logits = plan.reference(images)
-        anchor = plan.anchor
-        weights = sample_weights(anchor.weighting, anchor.tcp, anchor.lambda_, teacher_logits, labels)
-        terms["anchor"] = anchor_loss(student_logits, reference_logits, weights, anchor.temperature)
-    return terms
-
-
-class _Amp:
-    """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); plain fp32 on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.enabled = device.type == "cuda"
-        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda") if self.enabled and self.dtype == torch.float16 else None
-
-    def autocast(self):
-        return torch.autocast("cuda", dtype=self.dtype) if self.enabled else nullcontext()
-
-    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(optimizer)
-            self.scaler.update()

@@ -1,7 +1,9 @@
-"""Runs a recipe's stages in order, hands the reference from stage to stage, collects the results.
+"""Runs a recipe's stages in order: builds each stage's losses and sources, saves and restores the run's state,
+collects the results.
 
-Everything that can be checked is checked before the first step: methods against the teacher, taps against
-both models, the first-stage anchor against the student's initialisation.
+Everything that can be checked is checked before the first step: that every stage can have the sources its
+losses read (a teacher; a reference, which on the first stage needs a student that starts from weights), and the
+taps on every model they tap.
 """
 
 from __future__ import annotations
@@ -11,19 +13,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from kdcli.models import taps
-from kdcli.training.anchor import frozen_copy
-from kdcli.training.engine import EpochRecord, EpochSums, Listener, Position, StagePlan, StageRunner, TrainingData
 from kdcli.errors import KdcliError
-from kdcli.training.methods import REGISTRY, Method
+from kdcli.models import taps
+from kdcli.training import sources
+from kdcli.training.engine import (
+    EpochRecord, EpochSums, Listener, NotFinite, Position, StagePlan, StageRunner, Term, TrainingData,
+)
+from kdcli.training.methods import REGISTRY, STUDENT, merge_needs
 from kdcli.training.recipe import Recipe, Stage
+from kdcli.training.sources import Models, Source
 from kdcli.training.trainstate import (
     join_tensors, load_module, module_tensors, restore_rng, rng_tensors, split_tensors, write_checkpoint,
 )
 
-Losses = list[tuple[str, float, Method]]
+__all__ = ["Checkpoint", "Models", "StageOutcome", "build_terms", "check_plan", "restore_models", "run_stages",
+           "stage_plan"]
 
 
 @dataclass
@@ -42,60 +47,59 @@ class StageOutcome:
         return sum(r.seconds for r in self.history)
 
 
-@dataclass
-class Models:
-    student: nn.Module
-    student_pretrained: bool
-    teacher: nn.Module | None
-    image_size: int
-
-
-def build_losses(stage: Stage) -> list[tuple[str, float, Method]]:
-    """(term name, weight, method) per loss; a method listed twice gets a numbered term name."""
-    counts = Counter(spec.method for spec in stage.losses)
+def build_terms(stage: Stage) -> list[Term]:
+    """One term per loss of the stage (the anchor shorthand expanded); a method listed twice gets numbered names."""
+    specs = stage.loss_specs()
+    counts = Counter(spec.method for spec in specs)
     seen: Counter = Counter()
-    losses = []
-    for spec in stage.losses:
+    terms = []
+    for spec in specs:
         seen[spec.method] += 1
         name = spec.method if counts[spec.method] == 1 else f"{spec.method}#{seen[spec.method]}"
-        losses.append((name, spec.weight, REGISTRY[spec.method](spec)))
-    return losses
+        terms.append(Term(name, spec.weight, REGISTRY[spec.method](spec)))
+    return terms
 
 
-def check_plan(recipe: Recipe, models: Models) -> list[list[tuple[str, float, Method]]]:
-    """Validate every stage against the models and set methods up; returns the losses of each stage."""
-    all_losses = []
+def check_plan(recipe: Recipe, models: Models) -> list[list[Term]]:
+    """Validate every stage against the models and set its methods up; returns the terms of each stage."""
+    all_terms = []
     for index, stage in enumerate(recipe.stages):
-        where = f"recipe stage {index} ('{stage.name}')"
-        if index == 0 and stage.anchor.weighting != "none" and not models.student_pretrained:
-            raise KdcliError(
-                f"{where}: an anchor on the first stage needs a student that starts from weights, but the student "
-                "is randomly initialised; set anchor.weighting: none or pass a student checkpoint"
-            )
-        losses = build_losses(stage)
-        if models.teacher is None:
-            needy = [name for name, _, m in losses if m.needs().teacher_logits or m.needs().teacher_taps]
-            if needy or stage.anchor.weighting == "tcp":
-                what = f"losses {', '.join(needy)}" if needy else "anchor weighting tcp"
-                raise KdcliError(f"{where}: {what} need a teacher, and this command has none")
-        _setup_methods(losses, models, where)
-        all_losses.append(losses)
-    return all_losses
+        terms = build_terms(stage)
+        try:
+            readers: dict[str, list[str]] = {}
+            for term in terms:
+                for name in term.method.needs():
+                    if name != STUDENT:
+                        readers.setdefault(name, []).append(term.name)
+            sources.check(index, readers, models)
+            _setup_methods(terms, models)
+        except KdcliError as err:
+            raise KdcliError(f"recipe stage {index} ('{stage.name}'): {err}") from None
+        all_terms.append(terms)
+    return all_terms
 
 
-def _setup_methods(losses: list[tuple[str, float, Method]], models: Models, where: str) -> None:
-    """Resolve the taps on both models (unknown taps fail here) and give methods their feature shapes."""
-    student_keys = tuple(dict.fromkeys(k for _, _, m in losses for k in m.needs().student_taps))
-    teacher_keys = tuple(dict.fromkeys(k for _, _, m in losses for k in m.needs().teacher_taps))
-    if not student_keys and not teacher_keys:
-        return
-    try:
-        student_shapes = taps.shapes(models.student, student_keys, models.image_size, "student")
-        teacher_shapes = taps.shapes(models.teacher, teacher_keys, models.image_size, "teacher")
-        for _, _, method in losses:
-            method.setup(student_shapes, teacher_shapes)
-    except KdcliError as err:
-        raise KdcliError(f"{where}: {err}") from None
+def _setup_methods(terms: list[Term], models: Models) -> None:
+    """Resolve the taps on every model read (unknown taps fail here) and give methods their feature shapes."""
+    needs = merge_needs(term.method.needs() for term in terms)
+    shapes = {
+        name: taps.shapes(models.student if name == STUDENT else sources.network(name, models), reads.taps,
+                          models.image_size, name)
+        for name, reads in needs.items() if reads.taps
+    }
+    for term in terms:
+        term.method.setup(shapes)
+
+
+def stage_plan(recipe: Recipe, index: int, terms: list[Term], models: Models) -> StagePlan:
+    """A stage ready to run: its terms and the sources they read, made now (the reference is the student now)."""
+    stage = recipe.stages[index]
+    needs = merge_needs(term.method.needs() for term in terms)
+    return StagePlan(
+        index=index, name=stage.name, epochs=stage.epochs, student=models.student, terms=terms,
+        sources=sources.build(index, [name for name in needs if name != STUDENT], models),
+        optimizer=stage.optimizer, schedule=stage.schedule,
+    )
 
 
 @dataclass
@@ -113,24 +117,28 @@ class Checkpoint:
         return self.state is not None
 
 
+def _source_prefix(name: str) -> str:
+    return f"source.{name}."
+
+
 class _Saver:
     """The stage loop's Control: writes the whole run's state at a position."""
 
-    def __init__(self, checkpoint: Checkpoint, models: Models, all_losses: list[Losses], done: list[StageOutcome],
-                 history: list[EpochRecord], reference: nn.Module | None):
-        self.checkpoint, self.models, self.all_losses = checkpoint, models, all_losses
-        self.done, self.history, self.reference = done, history, reference
+    def __init__(self, checkpoint: Checkpoint, models: Models, all_terms: list[list[Term]],
+                 done: list[StageOutcome], history: list[EpochRecord], stage_sources: dict[str, Source]):
+        self.checkpoint, self.models, self.all_terms = checkpoint, models, all_terms
+        self.done, self.history, self.sources = done, history, stage_sources
 
     def stop_requested(self) -> bool:
         return self.checkpoint.stop_requested()
 
     def save(self, runner: StageRunner, position: Position, sums: EpochSums | None) -> None:
         tensors = {**module_tensors("student", self.models.student), **rng_tensors()}
-        if self.reference is not None:
-            tensors.update(module_tensors("reference", self.reference))
-        for index, losses in enumerate(self.all_losses):
-            for term, _, method in losses:
-                tensors.update(module_tensors(f"method.{index}.{term}", method))
+        for name, source in self.sources.items():
+            tensors.update({_source_prefix(name) + key: value for key, value in source.state().items()})
+        for index, terms in enumerate(self.all_terms):
+            for term in terms:
+                tensors.update(module_tensors(f"method.{index}.{term.name}", term.method))
         state = {
             "fingerprint": self.checkpoint.fingerprint,
             "position": asdict(position),
@@ -143,52 +151,56 @@ class _Saver:
         write_checkpoint(self.checkpoint.path, tensors, state)
 
 
-def restore_models(checkpoint: Checkpoint, models: Models, all_losses: list[Losses]) -> None:
+def restore_models(checkpoint: Checkpoint, models: Models, all_terms: list[list[Term]]) -> None:
     """Put the student, every method's parameters and the RNG back as they were saved."""
     load_module(models.student, "student", checkpoint.tensors)
-    for index, losses in enumerate(all_losses):
-        for term, _, method in losses:
-            load_module(method, f"method.{index}.{term}", checkpoint.tensors)
+    for index, terms in enumerate(all_terms):
+        for term in terms:
+            load_module(term.method, f"method.{index}.{term.name}", checkpoint.tensors)
     restore_rng(checkpoint.tensors)
+
+
+def _not_finite_line(err: NotFinite, checkpoint: Path) -> str:
+    kept = f"; the last good checkpoint is kept in {checkpoint}" if checkpoint.is_file() else ""
+    return f"{err.what}{kept}; {err.advice}"
 
 
 def run_stages(
     recipe: Recipe,
-    all_losses: list[Losses],
+    all_terms: list[list[Term]],
     models: Models,
     data: TrainingData,
     device: torch.device,
     listener: Listener,
     checkpoint: Checkpoint,
-    teacher_input=lambda x: x,
 ) -> list[StageOutcome]:
-    """Train the student through every stage (losses from check_plan), saving a checkpoint after every epoch;
-    each anchored stage is held to the student as it entered it. Resumes where a checkpoint left off."""
+    """Train the student through every stage (terms from check_plan), saving a checkpoint after every epoch.
+    Resumes where a checkpoint left off."""
     state = checkpoint.state
     start = Position(**state["position"]) if state else Position(0)
     done = [StageOutcome(o["name"], o["epochs"], o["anchor"], [EpochRecord(**r) for r in o["history"]])
             for o in state["done"]] if state else []
     for index in range(start.stage, len(recipe.stages)):
-        stage, losses = recipe.stages[index], all_losses[index]
+        stage, terms = recipe.stages[index], all_terms[index]
         resumed = state is not None and index == start.stage
         history = [EpochRecord(**r) for r in state["history"]] if resumed else []
         if not resumed or start.epoch < stage.epochs:
-            for _, _, method in losses:
-                method.to(device)
-            reference = frozen_copy(models.student) if stage.anchor.weighting != "none" else None
-            if resumed and reference is not None:
-                load_module(reference, "reference", checkpoint.tensors)
-            plan = StagePlan(
-                index=index, name=stage.name, epochs=stage.epochs, student=models.student, teacher=models.teacher,
-                reference=reference, losses=losses, anchor=stage.anchor, optimizer=stage.optimizer,
-                schedule=stage.schedule, teacher_input=teacher_input,
-            )
+            for term in terms:
+                term.method.to(device)
+            plan = stage_plan(recipe, index, terms, models)
             runner = StageRunner(plan, data, device, listener)
             sums = None
             if resumed:
+                for name, source in plan.sources.items():
+                    prefix = _source_prefix(name)
+                    source.load_state({k[len(prefix):]: v for k, v in checkpoint.tensors.items()
+                                       if k.startswith(prefix)})
                 runner.load_state(join_tensors(state["runner"], checkpoint.tensors))
                 sums = EpochSums(**state["sums"]) if state["sums"] else None
-            saver = _Saver(checkpoint, models, all_losses, done, history, reference)
-            runner.run(start if resumed else Position(index), sums, history, saver)
-        done.append(StageOutcome(stage.name, stage.epochs, stage.anchor.weighting, history))
+            saver = _Saver(checkpoint, models, all_terms, done, history, plan.sources)
+            try:
+                runner.run(start if resumed else Position(index), sums, history, saver)
+            except NotFinite as err:
+                raise KdcliError(_not_finite_line(err, checkpoint.path)) from None
+        done.append(StageOutcome(stage.name, stage.epochs, stage.anchor_weighting(), history))
     return done

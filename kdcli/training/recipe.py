@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kdcli.errors import KdcliError, close_matches
-from kdcli.training.methods import REGISTRY, MethodParams
+from kdcli.training.methods import REGISTRY, AnchorFields, AnchorParams, MethodParams
+from kdcli.training.optim import OptimizerSettings, ScheduleSettings
 
 
 class _Strict(BaseModel):
@@ -49,28 +50,13 @@ class DataSettings(_Strict):
         return self
 
 
-class OptimizerSettings(_Strict):
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
-    nesterov: bool = Field(True, description="sgd only")
-    weight_decay: float = Field(5e-4, ge=0)
+class AnchorSettings(AnchorFields):
+    """The stage's `anchor:` block: shorthand for an `anchor` loss (weight 1) with these settings."""
 
-
-class ScheduleSettings(_Strict):
-    name: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from lr/100, in epochs (may be fractional)")
-
-
-class AnchorSettings(_Strict):
-    weighting: Literal["none", "fixed", "tcp"] = Field(
-        "none", description="none: no reference; fixed: lambda per sample; tcp: (1 - teacher probability) * lambda"
-    )
-    tcp: Literal["true-class", "max"] = Field(
-        "true-class", description="which teacher probability tcp uses: of the true class, or the largest"
-    )
-    lambda_: float = Field(1.0, ge=0, alias="lambda", description="weight of the anchor term")
-    temperature: float = Field(4.0, gt=0, description="temperature T_a of the anchor KL")
+    def as_loss(self) -> AnchorParams | None:
+        if self.weighting == "none":
+            return None
+        return AnchorParams(**self.model_dump(by_alias=True))
 
 
 def _loss_union() -> Any:
@@ -85,13 +71,30 @@ class Stage(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="letters, digits, '_', '-', '.'")
     epochs: int = Field(ge=1)
     losses: list[LossSpec] = Field(min_length=1, description="weighted KD methods summed in this stage")
-    anchor: AnchorSettings = Field(default_factory=AnchorSettings)
+    anchor: AnchorSettings = Field(
+        default_factory=AnchorSettings, description="shorthand for an anchor loss: the frozen reference of the stage"
+    )
     optimizer: OptimizerSettings = Field(
         default_factory=OptimizerSettings, description="defaults to the recipe's optimizer; keys here override it"
     )
     schedule: ScheduleSettings = Field(
         default_factory=ScheduleSettings, description="defaults to the recipe's schedule; keys here override it"
     )
+
+    @model_validator(mode="after")
+    def _one_anchor(self) -> Stage:
+        if self.anchor.weighting != "none" and any(isinstance(spec, AnchorParams) for spec in self.losses):
+            raise ValueError("the anchor is given twice, as an anchor: block and as an anchor loss; keep one")
+        return self
+
+    def loss_specs(self) -> list[MethodParams]:
+        """The stage's losses, with the `anchor:` shorthand expanded into the anchor loss it stands for."""
+        anchor = self.anchor.as_loss()
+        return [*self.losses, anchor] if anchor else list(self.losses)
+
+    def anchor_weighting(self) -> str:
+        """How the stage is anchored: 'none', 'fixed' or 'tcp' (of its anchor loss, however it was written)."""
+        return next((spec.weighting for spec in self.loss_specs() if isinstance(spec, AnchorParams)), "none")
 
 
 class Recipe(_Strict):

@@ -1,6 +1,9 @@
 """The KD methods, found by name through REGISTRY. Adding a method: one class + one line here + one test."""
 
-from kdcli.training.methods.base import Method, MethodParams, Needs, StepInputs, Tap, TapPair
+from kdcli.training.methods.anchor import Anchor, AnchorFields, AnchorParams
+from kdcli.training.methods.base import (
+    REFERENCE, STUDENT, TEACHER, Method, MethodParams, Needs, Outputs, Reads, StepInputs, Tap, TapPair, merge_needs,
+)
 from kdcli.training.methods.feature import AttentionTransfer, FitNets
 from kdcli.training.methods.relation import PKT, RKD, SimilarityPreserving
 from kdcli.training.methods.response import DKD, CrossEntropy, HintonKD, StandardisedKD
@@ -17,7 +20,9 @@ REGISTRY: dict[str, type[Method]] = {
         RKD,
         SimilarityPreserving,
         PKT,
+        Anchor,
     )
 }
 
-__all__ = ["REGISTRY", "Method", "MethodParams", "Needs", "StepInputs", "Tap", "TapPair"]
+__all__ = ["REFERENCE", "REGISTRY", "STUDENT", "TEACHER", "AnchorFields", "AnchorParams", "Method", "MethodParams",
+           "Needs", "Outputs", "Reads", "StepInputs", "Tap", "TapPair", "merge_needs"]

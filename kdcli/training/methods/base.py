@@ -1,17 +1,24 @@
 """The one seam between the stage engine and the KD methods.
 
-Each training step the engine fills one StepInputs with everything a loss may need and hands it to every
-method of the stage. A method declares up front what it needs (Needs), so the engine computes only that.
+Each training step the engine fills one StepInputs with everything a loss may need: the student's logits and
+tapped features, the labels, and the outputs of the stage's *sources* (frozen models, or later stored outputs)
+by name, and hands it to every method of the stage. A method declares up front what it reads from which model
+(Needs), so the engine runs only those forwards and taps only those features.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, ClassVar
 
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from torch import nn
+
+STUDENT = "student"  # the model being trained; every other name in Needs is a source of the stage
+TEACHER = "teacher"  # the teacher, fed as it was trained
+REFERENCE = "reference"  # the frozen student as it entered the stage (anchored stages)
 
 
 class MethodParams(BaseModel):
@@ -24,28 +31,52 @@ class MethodParams(BaseModel):
 
 
 @dataclass(frozen=True)
-class Needs:
-    """What a method reads from a step; the engine runs the teacher and hooks only for what is needed."""
+class Reads:
+    """What is read from one model in a step: its logits, and its features at these tap keys."""
 
-    teacher_logits: bool = False
-    student_taps: tuple[str, ...] = ()
-    teacher_taps: tuple[str, ...] = ()
+    logits: bool = False
+    taps: tuple[str, ...] = ()
+
+    def __or__(self, other: Reads) -> Reads:
+        return Reads(self.logits or other.logits, tuple(dict.fromkeys((*self.taps, *other.taps))))
+
+
+Needs = Mapping[str, Reads]  # model name ('student' or a source name) -> what is read from it
+
+
+def merge_needs(needs: Iterable[Needs]) -> dict[str, Reads]:
+    """The union of several methods' needs, per model."""
+    merged: dict[str, Reads] = {}
+    for one in needs:
+        for name, reads in one.items():
+            merged[name] = merged.get(name, Reads()) | reads
+    return merged
+
+
+@dataclass
+class Outputs:
+    """What one model produced on the step's batch: its logits, and its features by tap key."""
+
+    logits: torch.Tensor | None = None
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def finite(self) -> bool:
+        values = [self.logits, *self.features.values()]
+        return all(bool(torch.isfinite(v).all()) for v in values if v is not None)
 
 
 @dataclass
 class StepInputs:
-    """Everything a loss may read in one step. Teacher, student and reference saw the same augmented batch."""
+    """Everything a loss may read in one step. The student and every source saw the same augmented batch."""
 
-    student_logits: torch.Tensor
+    student: Outputs
     labels: torch.Tensor
-    teacher_logits: torch.Tensor | None = None
-    student_features: dict[str, torch.Tensor] = field(default_factory=dict)
-    teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    sources: dict[str, Outputs] = field(default_factory=dict)
     epoch: int = 0  # 0-based epoch within the stage, for methods with a warm-up
 
 
 class Method(nn.Module):
-    """One KD loss. Subclasses set name, summary and Params, and implement forward.
+    """One KD loss. Subclasses set name, summary and Params, and implement needs and forward.
 
     forward returns a per-sample loss [B] or a scalar; the engine takes its mean and multiplies by the weight.
     Parameters a method owns (connectors) train with the student and are never exported with it.
@@ -60,10 +91,12 @@ class Method(nn.Module):
         self.params = params
 
     def needs(self) -> Needs:
-        return Needs()
+        """What the method reads beyond the student's logits and the labels, by model name."""
+        return {}
 
-    def setup(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
-        """Called once with the shapes of the tapped features, before the optimizer is built."""
+    def setup(self, shapes: Mapping[str, Mapping[str, torch.Size]]) -> None:
+        """Called once with the shapes of the tapped features ({model name: {tap key: shape}}), before the
+        optimizer is built."""
 
     def forward(self, step: StepInputs) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -119,9 +152,9 @@ class TapPair(BaseModel):
     teacher: Tap
 
 
-def pairs_needs(pairs: list[TapPair], teacher_logits: bool = False) -> Needs:
-    return Needs(
-        teacher_logits=teacher_logits,
-        student_taps=tuple(dict.fromkeys(p.student for p in pairs)),
-        teacher_taps=tuple(dict.fromkeys(p.teacher for p in pairs)),
-    )
+def pairs_needs(pairs: list[TapPair]) -> Needs:
+    """The student's and the teacher's features at tap pairs."""
+    return {
+        STUDENT: Reads(taps=tuple(dict.fromkeys(p.student for p in pairs))),
+        TEACHER: Reads(taps=tuple(dict.fromkeys(p.teacher for p in pairs))),
+    }

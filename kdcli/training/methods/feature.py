@@ -1,6 +1,7 @@
 """Feature-based methods: they read intermediate features of student and teacher at tap pairs.
 
-Features arrive normalised by kdcli.taps: [B, C, H, W] maps, [B, N, C] tokens (ViT blocks), [B, C] vectors.
+Features arrive normalised by kdcli.models.taps: [B, C, H, W] maps (`feature:N` taps of every family, a ViT's
+patch tokens included), [B, N, C] tokens (`module:` taps of transformer blocks), [B, C] vectors.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from torch import nn
 
 from kdcli.errors import KdcliError
 from kdcli.training.methods.functional import as_float
-from kdcli.training.methods.base import Method, MethodParams, Needs, StepInputs, TapPair, pairs_needs
+from kdcli.training.methods.base import (
+    STUDENT, TEACHER, Method, MethodParams, Needs, StepInputs, TapPair, pairs_needs,
+)
 
 
 def _kind(shape: torch.Size) -> str:
@@ -55,7 +58,7 @@ class FitNets(Method):
 
     Connector per pair: maps -> 1x1 conv + BN to the teacher's channels, then the student map is resized to the
     teacher's (pooling if larger, bilinear if smaller); tokens (same count) -> linear layer; vectors -> linear + BN.
-    Features of different kinds (a ViT's tokens against a CNN's map, or different token counts) are both averaged
+    Features of different kinds (a ViT block's tokens against a CNN's map, or different token counts) are both averaged
     to [B, C] vectors first (over positions / tokens), then linear + BN: a pooled hint. The connectors train
     with the student and are saved in training checkpoints, never exported.
     """
@@ -72,11 +75,11 @@ class FitNets(Method):
     def needs(self) -> Needs:
         return pairs_needs(self.params.pairs)
 
-    def setup(self, student_shapes, teacher_shapes) -> None:
+    def setup(self, shapes) -> None:
         self.connectors = nn.ModuleList()
         self.pooled = []
         for pair in self.params.pairs:
-            s, t = student_shapes[pair.student], teacher_shapes[pair.teacher]
+            s, t = shapes[STUDENT][pair.student], shapes[TEACHER][pair.teacher]
             what = f"fitnets pair {pair.student} -> {pair.teacher}"
             if len(s) not in (2, 3, 4) or len(t) not in (2, 3, 4):
                 raise KdcliError(f"{what}: cannot use a {_kind(s)} or {_kind(t)}; tap a feature map, tokens or penultimate")
@@ -95,7 +98,8 @@ class FitNets(Method):
     def forward(self, step: StepInputs) -> torch.Tensor:
         total = 0.0
         for pair, connector, pooled in zip(self.params.pairs, self.connectors, self.pooled):
-            f_t, f_s = as_float(step.teacher_features[pair.teacher]), as_float(step.student_features[pair.student])
+            f_t = as_float(step.sources[TEACHER].features[pair.teacher])
+            f_s = as_float(step.student.features[pair.student])
             if pooled:
                 f_t, f_s = pool_to_vector(f_t), pool_to_vector(f_s)
             f_s = as_float(connector(f_s))
@@ -125,27 +129,27 @@ class AttentionTransfer(Method):
     the larger map is average-pooled to the smaller one first. Per-sample, summed over pairs."""
 
     name = "at"
-    summary = "attention transfer: spatial attention maps of student and teacher at tap pairs (CNN maps only)"
+    summary = "attention transfer: spatial attention maps of student and teacher at tap pairs (feature maps)"
     Params = AttentionParams
 
     def needs(self) -> Needs:
         return pairs_needs(self.params.pairs)
 
-    def setup(self, student_shapes, teacher_shapes) -> None:
+    def setup(self, shapes) -> None:
         for pair in self.params.pairs:
-            for side, key, shape in (("student", pair.student, student_shapes[pair.student]),
-                                     ("teacher", pair.teacher, teacher_shapes[pair.teacher])):
+            for side, key in ((STUDENT, pair.student), (TEACHER, pair.teacher)):
+                shape = shapes[side][key]
                 if len(shape) != 4:
                     raise KdcliError(
                         f"at: the {side} tap {key} gives {_kind(shape)} {list(shape[1:])}, not a spatial map; "
-                        "attention transfer needs CNN feature maps on both sides (for a ViT use fitnets, rkd, sp "
-                        "or pkt, e.g. on penultimate)"
+                        "attention transfer needs feature maps on both sides: tap {feature: N} (a ViT's patch "
+                        "tokens come as a map there), not a module's tokens or vectors"
                     )
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         total = 0.0
         for pair in self.params.pairs:
-            f_s, f_t = step.student_features[pair.student], step.teacher_features[pair.teacher]
+            f_s, f_t = step.student.features[pair.student], step.sources[TEACHER].features[pair.teacher]
             size = (min(f_s.shape[-2], f_t.shape[-2]), min(f_s.shape[-1], f_t.shape[-1]))
             a_s = attention_map(match_spatial(as_float(f_s), size), self.params.p)
             a_t = attention_map(match_spatial(as_float(f_t), size), self.params.p)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from kdcli.training.methods.functional import as_float
-from kdcli.training.methods.base import Method, MethodParams, Needs, StepInputs, TapPair, pairs_needs
+from kdcli.training.methods.base import TEACHER, Method, MethodParams, Needs, StepInputs, TapPair, pairs_needs
 
 PENULTIMATE_PAIR = {"student": "penultimate", "teacher": "penultimate"}
 
@@ -26,8 +26,8 @@ class _RelationMethod(Method):
 
     def embeddings(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         tap = self.params.tap
-        e_s = as_float(step.student_features[tap.student]).flatten(1)
-        e_t = as_float(step.teacher_features[tap.teacher].detach()).flatten(1)
+        e_s = as_float(step.student.features[tap.student]).flatten(1)
+        e_t = as_float(step.sources[TEACHER].features[tap.teacher].detach()).flatten(1)
         return e_s, e_t
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from kdcli.training.methods.base import Method, MethodParams, Needs, StepInputs
+from kdcli.training.methods.base import TEACHER, Method, MethodParams, Needs, Reads, StepInputs
 from kdcli.training.methods.functional import as_float, soft_kl
 
 
@@ -26,8 +26,12 @@ class CrossEntropy(Method):
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         return F.cross_entropy(
-            as_float(step.student_logits), step.labels, reduction="none", label_smoothing=self.params.label_smoothing
+            as_float(step.student.logits), step.labels, reduction="none", label_smoothing=self.params.label_smoothing
         )
+
+
+def _teacher_logits() -> Needs:
+    return {TEACHER: Reads(logits=True)}
 
 
 class HintonKDParams(MethodParams):
@@ -36,25 +40,36 @@ class HintonKDParams(MethodParams):
     temperature: float = Field(4.0, gt=0, description="softmax temperature T of teacher and student")
 
 
-class HintonKD(Method):
-    """Hinton et al. 2015: alpha·CE(z_s, y) + (1-alpha)·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))."""
-
-    name = "kd"
-    summary = "Hinton KD: soft teacher targets at temperature T, plus alpha·CE"
-    Params = HintonKDParams
+class _SoftTargets(Method):
+    """ce_weight·CE(z_s, y) + kd_weight·T²·KL(softmax(soft(z_t)/T) ‖ softmax(soft(z_s)/T)), per sample."""
 
     def needs(self) -> Needs:
-        return Needs(teacher_logits=True)
+        return _teacher_logits()
+
+    def weights(self) -> tuple[float, float]:  # pragma: no cover - abstract
+        """(weight of the cross-entropy, weight of the KL term)."""
+        raise NotImplementedError
 
     def soft(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits the KL term compares (a variant standardises them)."""
         return logits
 
     def forward(self, step: StepInputs) -> torch.Tensor:
-        p = self.params
-        z_s, z_t = as_float(step.student_logits), as_float(step.teacher_logits)
+        ce_weight, kd_weight = self.weights()
+        z_s, z_t = as_float(step.student.logits), as_float(step.sources[TEACHER].logits)
         ce = F.cross_entropy(z_s, step.labels, reduction="none")
-        return p.alpha * ce + (1 - p.alpha) * soft_kl(self.soft(z_s), self.soft(z_t), p.temperature)
+        return ce_weight * ce + kd_weight * soft_kl(self.soft(z_s), self.soft(z_t), self.params.temperature)
+
+
+class HintonKD(_SoftTargets):
+    """Hinton et al. 2015: alpha·CE(z_s, y) + (1-alpha)·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))."""
+
+    name = "kd"
+    summary = "Hinton KD: soft teacher targets at temperature T, plus alpha·CE"
+    Params = HintonKDParams
+
+    def weights(self) -> tuple[float, float]:
+        return self.params.alpha, 1 - self.params.alpha
 
 
 class DKDParams(MethodParams):
@@ -79,11 +94,11 @@ class DKD(Method):
     Params = DKDParams
 
     def needs(self) -> Needs:
-        return Needs(teacher_logits=True)
+        return _teacher_logits()
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         p, t = self.params, self.params.temperature
-        z_s, z_t = as_float(step.student_logits) / t, as_float(step.teacher_logits) / t
+        z_s, z_t = as_float(step.student.logits) / t, as_float(step.sources[TEACHER].logits) / t
         gt = F.one_hot(step.labels, z_s.shape[1]).bool()
         p_s, p_t = F.softmax(z_s, dim=1), F.softmax(z_t, dim=1)
         b_s = torch.stack([p_s[gt], (p_s * ~gt).sum(1)], dim=1).clamp_min(1e-12)
@@ -96,8 +111,24 @@ class DKD(Method):
 
 class StandardisedKDParams(MethodParams):
     method: Literal["kd_std"] = "kd_std"
-    alpha: float = Field(0.1, ge=0, le=1, description="weight of the hard-label cross-entropy; 1-alpha goes to KL")
+    ce_weight: float = Field(0.1, ge=0, description="weight of the hard-label cross-entropy")
+    kd_weight: float = Field(9.0, ge=0, description="weight of the T²·KL term on standardised logits")
     temperature: float = Field(2.0, gt=0, description="base temperature T, applied to the standardised logits")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_alpha(cls, raw: Any) -> Any:
+        """Recipes written by earlier kdcli versions give `alpha`, meaning alpha·CE + (1 − alpha)·T²·KL: kept as meant."""
+        if not isinstance(raw, dict) or "alpha" not in raw:
+            return raw
+        if "ce_weight" in raw or "kd_weight" in raw:
+            raise ValueError("give either alpha (older recipes) or ce_weight and kd_weight, not both")
+        raw = dict(raw)
+        alpha = raw.pop("alpha")
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 <= alpha <= 1:
+            raw.update(ce_weight=alpha, kd_weight=1 - alpha)
+            return raw
+        raise ValueError(f"alpha must be a number from 0 to 1 (got {alpha!r}); or give ce_weight and kd_weight")
 
 
 def standardise(logits: torch.Tensor) -> torch.Tensor:
@@ -105,13 +136,17 @@ def standardise(logits: torch.Tensor) -> torch.Tensor:
     return (logits - logits.mean(1, keepdim=True)) / (1e-7 + logits.std(1, keepdim=True))
 
 
-class StandardisedKD(HintonKD):
-    """Sun et al. 2024, logit-standardised KD: Hinton KD on per-sample standardised logits of both models,
-    alpha·CE(z_s, y) + (1 − alpha)·T²·KL(softmax(ẑ_t/T) ‖ softmax(ẑ_s/T))."""
+class StandardisedKD(_SoftTargets):
+    """Sun et al. 2024, logit-standardised KD: KD on per-sample standardised logits of both models,
+    ce_weight·CE(z_s, y) + kd_weight·T²·KL(softmax(ẑ_t/T) ‖ softmax(ẑ_s/T)). The defaults are the paper's
+    CIFAR setting (CE weight 0.1, KD weight 9, base temperature 2)."""
 
     name = "kd_std"
-    summary = "KD on logits standardised per sample ((z - mean) / std), plus alpha·CE"
+    summary = "KD on logits standardised per sample ((z - mean) / std): ce_weight·CE + kd_weight·T²·KL"
     Params = StandardisedKDParams
+
+    def weights(self) -> tuple[float, float]:
+        return self.params.ce_weight, self.params.kd_weight
 
     def soft(self, logits: torch.Tensor) -> torch.Tensor:
         return standardise(logits)
