@@ -145,7 +145,7 @@ def test_pretrained_start_keeps_the_backbone_with_a_new_head(pretrained_student)
 
 def test_train_fine_tunes_a_pretrained_name(cli, pretrained_student, tmp_path):
     result = cli("train", "test_efficientnet.r160_in1k", "--data", DATA, "--out", tmp_path / "ft", "--epochs", "1",
-                 "--json")
+                 "--image-size", "32", "--json")
     assert result.code == 0, result.err
     assert result.json()["student"]["init"] == "pretrained test_efficientnet.r160_in1k, head reset to 10 classes"
     assert timm.create_model(f"local-dir:{tmp_path / 'ft'}", pretrained=True).num_classes == 10
@@ -177,3 +177,26 @@ def test_dry_run_prints_the_plan_and_writes_nothing(cli, teacher_dir, tmp_path):
     text = cli("train", "test_resnet", "--data", DATA, "--out", out, "--dry-run")
     assert text.code == 0 and "plan: train" in text.out and "init: random" in text.out
     assert not out.exists()
+
+
+def test_bare_teacher_is_refused_at_chance_until_its_preprocessing_is_given(cli, teacher_dir, teacher_model, tmp_path):
+    """A teacher trained at std 0.005 (made exactly from the session teacher by scaling its first convolution by
+    1/100), saved as a bare .safetensors without config: the guessed timm default std 0.5 puts it at chance."""
+    tensors = {k: v.clone() for k, v in teacher_model.state_dict().items()}
+    tensors["conv1.0.weight"] /= 100
+    bare = tmp_path / "teacher.safetensors"
+    safetensors.torch.save_file(tensors, str(bare))
+    args = ["distill", bare, "test_efficientnet", "--teacher-arch", "test_resnet", "--data", DATA, *FAST]
+    refused = cli(*args, "--out", tmp_path / "a")
+    assert_one_clear_line(refused, "no better than chance", "its preprocessing was guessed", "std (timm default",
+                          "--teacher-std")
+    assert not (tmp_path / "a").exists()
+
+    result = cli(*args, "--out", tmp_path / "b", "--teacher-std", "0.005,0.005,0.005", "--json")
+    assert result.code == 0, result.err
+    report = result.json()
+    expected = json.loads((teacher_dir / "report.json").read_text())["student"]["top1"]
+    assert report["teacher"]["top1"] == expected  # its real accuracy
+    assert report["plan"]["teacher"]["preprocessing"]["sources"]["std"] == "--teacher-std"
+    config = json.loads((tmp_path / "b" / "student" / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]

@@ -254,8 +254,9 @@ def build(source: Source, num_classes: int | None = None, image_size: int | None
                    pretrained_model_args=dict(source.config.model_args))
     init = same.init + (f", head reset to {target} classes" if new_head else "")
     init += f", resized to {image_size}x{image_size}" if resize else ""
+    model_args = {k: v for k, v in {**source.config.model_args, **resize}.items() if k != "num_classes"}
     return LoadedModel(model, source.arch, target, source.config.preprocessing, None if new_head else same.label_names,
-                       {**source.config.model_args, **resize}, source.weights, init, list(source.config.notes))
+                       model_args, source.weights, init, list(source.config.notes))
 
 
 def _build_as_is(source: Source) -> LoadedModel:
@@ -267,8 +268,9 @@ def _build_as_is(source: Source) -> LoadedModel:
         raise KdcliError(f"{source.role} {source.ref} takes {in_chans}-channel images; kdcli feeds RGB images")
     load_strict(model, source.tensors, f"{source.role} {source.ref}", source.arch, source.flag)
     init = f"pretrained {source.ref}" if source.named else str(source.weights)
+    model_args = {k: v for k, v in config.model_args.items() if k != "num_classes"}  # the weights say it
     return LoadedModel(model, source.arch, source.num_classes, config.preprocessing, config.label_names,
-                       config.model_args, source.weights, init, list(config.notes))
+                       model_args, source.weights, init, list(config.notes))
 
 
 def load_checkpoint(ref: str, arch_flag: str | None, role: str, flag: str) -> LoadedModel:
