@@ -242,6 +242,9 @@ CASES = {
     "config-not-an-object": (
         lambda c: c.distill(teacher_with_config(c, "t", pretrained_cfg=[1, 2])),
         ["field 'pretrained_cfg' must be a JSON object"]),
+    "config-model-args-do-not-build": (
+        lambda c: c.distill(teacher_with_config(c, "t", model_args={"no_such_arg": 1})),
+        ["teacher", "timm cannot build test_resnet with no_such_arg=1", "fix its model_args"]),
     "grayscale-model": (
         lambda c: c.distill(teacher_with_config(c, "t", model_args={"in_chans": 1})),
         ["takes 1-channel images", "RGB"]),
@@ -319,7 +322,8 @@ CASES = {
         lambda c: c.distill(data=str(image_folder(c.tmp / "d", bad="train/c3/broken.jpg"))),
         ["cannot read image", "broken.jpg", "remove or replace"]),
     "image-fails-to-decode": (
-        lambda c: c.distill(None, "test_efficientnet", "--set", "data.workers=1", data=str(undecodable(c))),
+        lambda c: c.distill(None, "test_efficientnet", "--set", "data.workers=1", "--allow-weak-teacher",
+                            data=str(undecodable(c))),
         ["cannot read image", "0.png", "remove or replace"]),
     "incomplete-cifar": (lambda c: incomplete_cifar(c), ["incomplete", "data_batch_2"]),
     "bad-synthetic-spec": (lambda c: c.distill(data="synthetic:train=x"), ["synthetic:train=N,val=M"]),

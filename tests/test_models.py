@@ -200,3 +200,40 @@ def test_bare_teacher_is_refused_at_chance_until_its_preprocessing_is_given(cli,
     assert report["plan"]["teacher"]["preprocessing"]["sources"]["std"] == "--teacher-std"
     config = json.loads((tmp_path / "b" / "student" / "config.json").read_text())
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+
+
+def _image_folder(root, sizes):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for index in range(3):
+            folder = root / split / f"c{index}"
+            folder.mkdir(parents=True)
+            for number, size in enumerate(sizes):
+                Image.new("RGB", size, (index * 60, number * 40, 0)).save(folder / f"{number}.png")
+    return root
+
+
+def test_image_folder_native_size_and_mixed_sizes_in_the_plan(cli, tmp_path):
+    same = _image_folder(tmp_path / "same", [(16, 16), (16, 16)])
+    plan = cli("train", "test_resnet", "--data", same, "--out", tmp_path / "a", "--dry-run", "--json").json()["plan"]
+    assert plan["data"]["image_sizes"] == "all 16x16"
+    assert plan["student"]["preprocessing"]["input_size"] == [3, 16, 16]
+    assert plan["student"]["preprocessing"]["sources"]["image_size"] == "native size of the data (all 16x16)"
+
+    mixed = _image_folder(tmp_path / "mixed", [(16, 16), (20, 24)])
+    result = cli("train", "test_resnet", "--data", mixed, "--out", tmp_path / "b", "--dry-run")
+    assert result.code == 0, result.err
+    assert "images 2 sizes, 16x16 to 20x24" in result.out and "timm default for test_resnet" in result.out
+
+
+def test_a_config_asking_for_pretrained_weights_does_not_download(cli, hf_folder, tmp_path):
+    folder = tmp_path / "asks"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((hf_folder / "model.safetensors").read_bytes())
+    config = json.loads((hf_folder / "config.json").read_text())
+    config["model_args"]["pretrained"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    result = cli("inspect", folder, "--json")
+    assert result.code == 0, result.err
+    assert result.json()["notes"] == ["ignored model_args.pretrained in config.json (kdcli loads the weights beside it)"]

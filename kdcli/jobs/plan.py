@@ -27,6 +27,7 @@ from kdcli.models.preprocessing import (
 CHANCE_ALPHA = 1e-3
 # ...and clearly above it: at least this share of the way from that guess to perfect.
 CHANCE_MARGIN = 0.05
+FLAGS = "--teacher-image-size, --teacher-mean, --teacher-std, --teacher-interpolation"
 
 
 @dataclass
@@ -142,9 +143,8 @@ def check_teacher(teacher: LoadedModel, pre: Resolved, source: DataSource, devic
         raise KdcliError(
             f"the teacher scores {top1:.1f}% top-1 on the validation split, no better than chance "
             f"({100 * chance:.1f}%; needs {100 * threshold:.1f}% on {n} images): "
-            + (f"its preprocessing was guessed: {', '.join(guessed)}; pass --teacher-image-size/--teacher-mean/"
-               "--teacher-std/--teacher-interpolation as it was trained, " if guessed else
-               "check its preprocessing (--teacher-image-size/-mean/-std/-interpolation), ")
+            + (f"its preprocessing was guessed: {', '.join(guessed)}; pass {FLAGS} as it was trained, " if guessed
+               else f"check its preprocessing ({FLAGS}), ")
             + "check that the class folders are in its class order and that --data is the data it was trained on; "
             "or pass --allow-weak-teacher"
         )
@@ -215,10 +215,15 @@ def model_entry(loaded: LoadedModel, pre: Resolved, ref: str) -> dict:
 
 
 def build_plan(kind: str, recipe, source: DataSource, models: ResolvedModels, student_ref: str,
-               teacher_ref: str | None, check: TeacherCheck | None, seconds: float, device: torch.device) -> dict:
+               teacher_ref: str | None, check: TeacherCheck | None, view, device: torch.device) -> dict:
     """The resolved plan, as --dry-run --json prints it and report.json keeps it."""
     steps = steps_per_epoch(len(source.train), recipe.data.batch_size)
     epochs = sum(stage.epochs for stage in recipe.stages)
+    teacher_model = models.teacher.model if models.teacher else None
+    teacher_size = models.teacher_pre.config.image_size if models.teacher else 0
+    seconds = estimate_seconds(models.student.model, teacher_model, models.student_pre.config.image_size,
+                               teacher_size, view, recipe.data.batch_size, steps * epochs, epochs, len(source.val),
+                               device)
     teacher = None
     if models.teacher is not None:
         teacher = {**model_entry(models.teacher, models.teacher_pre, teacher_ref),

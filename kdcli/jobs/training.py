@@ -21,12 +21,10 @@ from kdcli.evaluation.gate import check_gate_options, enforce, gate_result
 from kdcli.evaluation.report import stage_entry, stamp, write_report
 from kdcli.fsio import write_text
 from kdcli.jobs.common import check_out, probe, resolve_device, subject
-from kdcli.jobs.plan import (
-    ModelChoices, TeacherCheck, build_plan, check_teacher, estimate_seconds, resolve_models, steps_per_epoch,
-)
+from kdcli.jobs.plan import ModelChoices, TeacherCheck, build_plan, check_teacher, resolve_models
 from kdcli.jobs.resume import check_same_run, identity, open_resume
 from kdcli.models.checkpoint import LoadedModel, save_timm_folder
-from kdcli.models.preprocessing import flags_layer, teacher_input
+from kdcli.models.preprocessing import recipe_layer, teacher_input
 from kdcli.training.engine import Listener, StopRequested, TrainingData
 from kdcli.training.pipeline import Checkpoint, Losses, Models, StageOutcome, check_plan, restore_models, run_stages
 from kdcli.training.recipe import Recipe
@@ -112,9 +110,15 @@ def prepare(
         check_out(out, force)
     source = open_data(data_spec)
     settings = recipe.data
-    recipe_layer = flags_layer("recipe data.*", settings.image_size, settings.mean, settings.std)
-    resolved = resolve_models(student_ref, teacher_ref, source, choices, recipe_layer, recipe.seed)
+    from_recipe = recipe_layer(settings.image_size, settings.mean, settings.std)
+    resolved = resolve_models(student_ref, teacher_ref, source, choices, from_recipe, recipe.seed)
     teacher, student, config = resolved.teacher, resolved.student, resolved.student_pre.config
+    fingerprint = {
+        "kind": kind, "recipe": recipe.to_dict(), "data": source.description,
+        "teacher": identity(teacher, teacher_ref), "student": identity(student, student_ref),
+    }
+    if state is not None:  # before the teacher check: other inputs are the likelier and cheaper mistake
+        check_same_run(out, state["fingerprint"], fingerprint)
     baseline = subject(baseline_ref, baseline_arch, "baseline", "--baseline-arch", source) if baseline_ref else None
     student.model.to(device)
     probe(student, config.image_size, "student", device)
@@ -134,21 +138,11 @@ def prepare(
     models = Models(student.model, resolved.started_from_weights, teacher.model if teacher else None,
                     config.image_size)
     all_losses = check_plan(recipe, models)
-    steps = steps_per_epoch(len(source.train), settings.batch_size)
-    epochs = sum(stage.epochs for stage in recipe.stages)
-    seconds = estimate_seconds(student.model, teacher.model if teacher else None, config.image_size,
-                               teacher_config.image_size if teacher else 0, data.view, settings.batch_size,
-                               steps * epochs, epochs, len(source.val), device)
-    plan = build_plan(kind, recipe, source, resolved, student_ref, teacher_ref, check, seconds, device)
+    plan = build_plan(kind, recipe, source, resolved, student_ref, teacher_ref, check, data.view, device)
     if show_plan is not None and not dry_run:
         show_plan(plan)
-    fingerprint = {
-        "kind": kind, "recipe": recipe.to_dict(), "data": source.description,
-        "teacher": identity(teacher, teacher_ref), "student": identity(student, student_ref),
-    }
     checkpoint = Checkpoint(out / CHECKPOINT_NAME, fingerprint, tensors=tensors, state=state)
     if checkpoint.resuming:
-        check_same_run(out, state["fingerprint"], fingerprint)
         restore_models(checkpoint, models, all_losses)
     teacher_in = adapter.to(device) if adapter is not None else (lambda x: x)
     return Run(kind, recipe, out, device, source, student, config, teacher, teacher_config, baseline, models,

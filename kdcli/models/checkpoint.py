@@ -27,7 +27,7 @@ from kdcli.errors import KdcliError
 from kdcli.fsio import atomic_write, write_json
 from kdcli.models import hub
 from kdcli.models.config import ModelConfig, read_config_json, read_metadata, registry_config
-from kdcli.models.hub import check_arch  # noqa: F401  (re-exported: callers check names through here)
+from kdcli.models.hub import check_arch
 from kdcli.models.preprocessing import Layer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -96,15 +96,19 @@ def model_args_for(arch: str, image_size: int | None) -> dict:
     return {}
 
 
-def create(name: str, num_classes: int, model_args: dict, flag: str = "--student", **timm_kwargs) -> nn.Module:
-    """timm.create_model; whatever timm raises on these arguments is one line naming them."""
+def create(name: str, num_classes: int, model_args: dict, flag: str = "--student", what: str = "",
+           **timm_kwargs) -> nn.Module:
+    """timm.create_model; whatever timm raises on these arguments is one line naming them (and `what` they
+    came from)."""
     check_arch(name, flag)
     try:
         return timm.create_model(name, **{**model_args, "num_classes": num_classes}, **timm_kwargs)
     except Exception as err:  # model_args come from files: any failure to build means they do not fit
         args = ", ".join(f"{k}={v}" for k, v in model_args.items())
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise KdcliError(f"timm cannot build {name} with {args or 'default arguments'}: {reason}") from err
+        where = f"{what}: " if what else ""
+        raise KdcliError(f"{where}timm cannot build {name} with {args or 'default arguments'}: {reason}; "
+                         "fix its model_args or pass the right architecture") from err
 
 
 def fresh_model(arch: str, num_classes: int, image_size: int | None) -> LoadedModel:
@@ -261,7 +265,7 @@ def build(source: Source, num_classes: int | None = None, image_size: int | None
 
 def _build_as_is(source: Source) -> LoadedModel:
     config = source.config
-    model = create(source.name, source.num_classes, config.model_args, source.flag,
+    model = create(source.name, source.num_classes, config.model_args, source.flag, f"{source.role} {source.ref}",
                    pretrained_cfg=config.pretrained_cfg)
     in_chans = get_model_input_config(model)["input_size"][0]
     if in_chans != 3:

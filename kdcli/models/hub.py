@@ -57,7 +57,10 @@ def check_arch(arch: str, flag: str) -> None:
 def pretrained_cfg_of(name: str, flag: str):
     """timm's registry config of a pretrained tag ARCH.TAG (a clear line when the tag does not exist)."""
     check_arch(name, flag)
-    cfg = get_pretrained_cfg(name)
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # timm: "Invalid pretrained tag"
+        cfg = None
     if cfg is None or not cfg.has_weights:
         arch = name.partition(".")[0]
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]

@@ -6,7 +6,7 @@ from pydantic import BaseModel
 
 from kdcli.models import taps
 from kdcli.models.checkpoint import LoadedModel, check_arch, count_params, fresh_model, is_checkpoint_ref, load_checkpoint
-from kdcli.models.preprocessing import Layer, Resolved, flags_layer, merge, own_preprocessing
+from kdcli.models.preprocessing import Layer, Resolved, merge, own_preprocessing, preprocessing_flags
 from kdcli.errors import KdcliError
 from kdcli.training.methods import REGISTRY
 
@@ -64,9 +64,7 @@ def inspect_model(ref: str, image_size: int | None = None, arch_flag: str | None
 
     image_size defaults to the size recorded with a checkpoint, else the architecture's timm default; a
     fixed-size architecture (ViT) named by arch is built for the size asked, as `kdcli distill` would."""
-    if image_size is not None and image_size < 8:
-        raise KdcliError(f"--image-size {image_size}: must be 8 or more")
-    flags = merge(flags_layer("--image-size", image_size), flags)
+    flags = merge(preprocessing_flags("", image_size, None, None, None), flags)
     loaded, resolved = _load(ref, arch_flag, flags, num_classes)
     size = resolved.config.image_size
     model = loaded.model.eval()

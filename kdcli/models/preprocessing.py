@@ -63,10 +63,11 @@ class Resolved:
         return {**self.config.pretrained_cfg(), "sources": dict(self.sources), "guessed": self.guessed}
 
 
-def flags_layer(source: str, image_size: int | None = None, mean=None, std=None, interpolation=None) -> Layer:
-    values = {"image_size": image_size, "mean": tuple(mean) if mean else None, "std": tuple(std) if std else None,
-              "interpolation": interpolation}
-    return Layer(source, {k: v for k, v in values.items() if v is not None})
+def recipe_layer(image_size: int | None, mean, std) -> Layer:
+    """The recipe's data.image_size, data.mean and data.std, where set."""
+    values = {"image_size": image_size, "mean": tuple(mean) if mean else None, "std": tuple(std) if std else None}
+    values = {k: v for k, v in values.items() if v is not None}
+    return Layer("the recipe", values, {k: f"recipe data.{k}" for k in values})
 
 
 def native_layer(native_size: int | None, description: str = "") -> Layer | None:
