@@ -85,7 +85,7 @@ def inspect_model(ref: str, image_size: int | None = None, arch_flag: str | None
         "image_size": size,
         "model_args": loaded.model_args,
         "init": loaded.init,
-        "preprocessing": resolved.summary(),
+        "preprocessing": {**resolved.summary(), **({} if loaded.pretrained else {"guessed": []})},
         "notes": loaded.notes,
         "taps": [
             {"key": t.key, "module": t.module, "channels": t.channels, "reduction": t.reduction,
