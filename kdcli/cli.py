@@ -73,6 +73,45 @@ def _show(report: dict, failed: QualityGateFailed | None, json_: bool, print_tex
         raise failed
 
 
+def _size_option(prefix: str, whose: str):
+    return typer.Option(None, f"--{prefix}image-size", help=f"{whose} input size [default: its config, else the data's native size]")
+
+
+def _mean_option(prefix: str, whose: str):
+    return typer.Option(None, f"--{prefix}mean", help=f"{whose} normalisation mean, R,G,B [default: its config, else timm's]")
+
+
+def _std_option(prefix: str, whose: str):
+    return typer.Option(None, f"--{prefix}std", help=f"{whose} normalisation std, R,G,B [default: its config, else timm's]")
+
+
+def _interp_option(prefix: str, whose: str):
+    return typer.Option(None, f"--{prefix}interpolation", help=f"{whose} resize interpolation: bilinear, bicubic, ...")
+
+
+RESET_HEAD = typer.Option(False, "--reset-head", help="start the student from a checkpoint of other classes: keep its "
+                          "backbone, new head (automatic for Hub and pretrained names)")
+DRY_RUN = typer.Option(False, "--dry-run", help="print the resolved plan (models, init, preprocessing, steps, time) and exit")
+
+
+def _flags(prefix: str, image_size, mean, std, interpolation):
+    from kdcli.models.preprocessing import preprocessing_flags
+
+    return preprocessing_flags(prefix, image_size, mean, std, interpolation)
+
+
+def _plan_shower():
+    from kdcli.display import print_plan
+
+    return lambda plan: print_plan(plan, stderr=True)
+
+
+def _dry_run(plan: dict, json_: bool) -> None:
+    from kdcli.display import print_plan
+
+    _print_json({"plan": plan}) if json_ else print_plan(plan)
+
+
 BASELINE = typer.Option(None, "--baseline", help="a baseline checkpoint (e.g. the student trained without KD) to compare with")
 BASELINE_ARCH = typer.Option(None, "--baseline-arch", help="baseline architecture, if its weights do not say")
 MIN_TOP1 = typer.Option(None, "--min-top1", help="quality gate: exit 1 when student top-1 (%) is below this")
@@ -81,8 +120,9 @@ MAX_DROP = typer.Option(None, "--max-drop", help="quality gate: exit 1 when teac
 
 @app.command()
 def distill(
-    teacher: str = typer.Argument(..., help="teacher: a .safetensors file or a timm folder (model.safetensors + config.json)"),
-    student: str = typer.Argument(..., help="student: a timm architecture name, or a .safetensors/folder to start from"),
+    teacher: str = typer.Argument(..., help="teacher: a .safetensors file, a timm folder, hf-hub:ORG/NAME or ARCH.TAG"),
+    student: str = typer.Argument(..., help="student: a timm architecture (random init), ARCH.TAG or hf-hub:ORG/NAME "
+                                  "(pretrained), or a .safetensors/folder to start from"),
     data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
     recipe: str = typer.Option(None, "--recipe", "-r", help="built-in recipe name or YAML file [default: smskd]"),
     out: Path = typer.Option(Path("kdcli-distill"), "--out", "-o", help="output folder"),
@@ -90,6 +130,17 @@ def distill(
     seed: int = typer.Option(None, "--seed", help="overrides the recipe's seed"),
     teacher_arch: str = typer.Option(None, "--teacher-arch", help="teacher architecture, if the weights do not say"),
     student_arch: str = typer.Option(None, "--student-arch", help="student architecture, if its weights do not say"),
+    teacher_image_size: int = _size_option("teacher-", "the teacher's"),
+    teacher_mean: str = _mean_option("teacher-", "the teacher's"),
+    teacher_std: str = _std_option("teacher-", "the teacher's"),
+    teacher_interpolation: str = _interp_option("teacher-", "the teacher's"),
+    image_size: int = _size_option("", "the student's (overrides the recipe's data.image_size);"),
+    mean: str = _mean_option("", "the student's"),
+    std: str = _std_option("", "the student's"),
+    interpolation: str = _interp_option("", "the student's"),
+    reset_head: bool = RESET_HEAD,
+    allow_weak_teacher: bool = typer.Option(False, "--allow-weak-teacher", help="train even if the teacher scores "
+                                            "at chance on the validation split or its label names differ"),
     device: str = DEVICE,
     force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
     resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out (same inputs)"),
@@ -97,25 +148,34 @@ def distill(
     baseline_arch: str = BASELINE_ARCH,
     min_top1: float = MIN_TOP1,
     max_drop: float = MAX_DROP,
+    dry_run: bool = DRY_RUN,
     json_: bool = JSON,
 ) -> None:
     """Distill TEACHER into STUDENT through the recipe's stages; write the student and a report to --out."""
     from kdcli.display import print_run
+    from kdcli.jobs.plan import ModelChoices
     from kdcli.jobs.training import train_student
     from kdcli.training.recipe import load_recipe
 
     plan = load_recipe(recipe, set_ or [], seed)
+    choices = ModelChoices(
+        teacher_arch, student_arch,
+        _flags("teacher-", teacher_image_size, teacher_mean, teacher_std, teacher_interpolation),
+        _flags("", image_size, mean, std, interpolation), reset_head, allow_weak_teacher)
     with _progress() as listener:
         report, failed = _finish(lambda: train_student(
-            plan, student, data, out, teacher_ref=teacher, teacher_arch=teacher_arch, student_arch=student_arch,
-            device_name=device, force=force, resume=resume, listener=listener, baseline_ref=baseline,
-            baseline_arch=baseline_arch, min_top1=min_top1, max_drop=max_drop))
+            plan, student, data, out, teacher_ref=teacher, choices=choices, device_name=device, force=force,
+            resume=resume, listener=listener, baseline_ref=baseline, baseline_arch=baseline_arch,
+            min_top1=min_top1, max_drop=max_drop, dry_run=dry_run, show_plan=_plan_shower()))
+    if dry_run:
+        return _dry_run(report, json_)
     _show(report, failed, json_, lambda: print_run(report, out))
 
 
 @app.command()
 def train(
-    arch: str = typer.Argument(..., help="a timm architecture name, or a .safetensors/folder to fine-tune"),
+    arch: str = typer.Argument(..., help="a timm architecture (random init), ARCH.TAG or hf-hub:ORG/NAME (fine-tune "
+                               "pretrained weights), or a .safetensors/folder to fine-tune"),
     data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
     out: Path = typer.Option(Path("kdcli-train"), "--out", "-o", help="output folder: model.safetensors + config.json + report"),
     recipe: str = typer.Option("supervised", "--recipe", "-r", help="built-in recipe name or YAML file"),
@@ -123,12 +183,18 @@ def train(
     set_: list[str] = SET,
     seed: int = typer.Option(None, "--seed", help="overrides the recipe's seed"),
     arch_flag: str = typer.Option(None, "--arch", help="architecture of ARCH's weights, if they do not say"),
+    image_size: int = _size_option("", "its (overrides the recipe's data.image_size);"),
+    mean: str = _mean_option("", "its"),
+    std: str = _std_option("", "its"),
+    interpolation: str = _interp_option("", "its"),
+    reset_head: bool = RESET_HEAD,
     device: str = DEVICE,
     force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
     resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out (same inputs)"),
     baseline: str = BASELINE,
     baseline_arch: str = BASELINE_ARCH,
     min_top1: float = MIN_TOP1,
+    dry_run: bool = DRY_RUN,
     json_: bool = JSON,
 ) -> None:
     """Plain supervised training, no teacher: for teachers and baselines."""
@@ -141,20 +207,35 @@ def train(
         if epochs < 1:
             raise KdcliError(f"--epochs {epochs}: must be 1 or more")
         plan = plan.model_copy(update={"stages": [s.model_copy(update={"epochs": epochs}) for s in plan.stages]})
+    from kdcli.jobs.plan import ModelChoices
+
+    choices = ModelChoices(student_arch=arch_flag, student_flags=_flags("", image_size, mean, std, interpolation),
+                           reset_head=reset_head)
     with _progress() as listener:
         report, failed = _finish(lambda: train_student(
-            plan, arch, data, out, student_arch=arch_flag, device_name=device, force=force, resume=resume,
-            listener=listener, kind="train", baseline_ref=baseline, baseline_arch=baseline_arch, min_top1=min_top1))
+            plan, arch, data, out, choices=choices, device_name=device, force=force, resume=resume,
+            listener=listener, kind="train", baseline_ref=baseline, baseline_arch=baseline_arch, min_top1=min_top1,
+            dry_run=dry_run, show_plan=_plan_shower()))
+    if dry_run:
+        return _dry_run(report, json_)
     _show(report, failed, json_, lambda: print_run(report, out))
 
 
 @app.command("eval")
 def eval_(
-    checkpoint: str = typer.Argument(..., help="a .safetensors file or a timm folder"),
+    checkpoint: str = typer.Argument(..., help="a .safetensors file, a timm folder, hf-hub:ORG/NAME or ARCH.TAG"),
     data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
     arch: str = typer.Option(None, "--arch", help="architecture, if the weights do not say"),
     teacher: str = typer.Option(None, "--teacher", help="the teacher: agreement, retention, speed-up and size ratio"),
     teacher_arch: str = typer.Option(None, "--teacher-arch", help="teacher architecture, if its weights do not say"),
+    image_size: int = _size_option("", "the checkpoint's"),
+    mean: str = _mean_option("", "the checkpoint's"),
+    std: str = _std_option("", "the checkpoint's"),
+    interpolation: str = _interp_option("", "the checkpoint's"),
+    teacher_image_size: int = _size_option("teacher-", "the teacher's"),
+    teacher_mean: str = _mean_option("teacher-", "the teacher's"),
+    teacher_std: str = _std_option("teacher-", "the teacher's"),
+    teacher_interpolation: str = _interp_option("teacher-", "the teacher's"),
     baseline: str = BASELINE,
     baseline_arch: str = BASELINE_ARCH,
     out: Path = typer.Option(None, "--out", "-o", help="write report.json, report.md and reliability.png here"),
@@ -174,7 +255,9 @@ def eval_(
     report, failed = _finish(lambda: eval_checkpoint(
         checkpoint, data, arch, batch_size=batch_size, workers=workers, device_name=device, teacher_ref=teacher,
         teacher_arch=teacher_arch, baseline_ref=baseline, baseline_arch=baseline_arch, out=out, force=force,
-        min_top1=min_top1, max_drop=max_drop, threads=threads))
+        min_top1=min_top1, max_drop=max_drop, threads=threads,
+        flags=_flags("", image_size, mean, std, interpolation),
+        teacher_flags=_flags("teacher-", teacher_image_size, teacher_mean, teacher_std, teacher_interpolation)))
     _show(report, failed, json_, lambda: print_eval(report, checkpoint, out))
 
 
@@ -206,29 +289,33 @@ def demo(
 
 @app.command()
 def convert(
-    checkpoint: str = typer.Argument(..., help="a PyTorch/timm checkpoint: .pth, .pt, .bin, .ckpt (or .safetensors)"),
-    arch: str = typer.Option(..., "--arch", help="its timm architecture"),
+    checkpoint: str = typer.Argument(..., help="a PyTorch/timm/Lightning checkpoint: .pth, .pth.tar, .pt, .bin, .ckpt "
+                                     "(or .safetensors)"),
+    arch: str = typer.Option(None, "--arch", help="its timm architecture [default: a timm train.py checkpoint's args.model]"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder: model.safetensors + config.json"),
-    image_size: int = typer.Option(None, "--image-size", min=1, help="the size it was trained at [default: the arch's]"),
+    image_size: int = _size_option("", "the size it was trained at;"),
+    mean: str = _mean_option("", "the"),
+    std: str = _std_option("", "the"),
+    interpolation: str = _interp_option("", "the"),
     ema: bool = typer.Option(False, "--ema", help="take the EMA weights (state_dict_ema / model_ema)"),
-    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    prefix: str = typer.Option(None, "--prefix", help="take only the weights under this key prefix and strip it "
+                               "(Lightning: the attribute holding the model, e.g. model.)"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out (only once the new one is complete)"),
     json_: bool = JSON,
 ) -> None:
-    """Turn a pickle checkpoint into a timm-layout folder, loading it with torch.load(weights_only=True) only."""
-    from kdcli.models.convert import convert_checkpoint
+    """Turn a training checkpoint into a timm-layout folder, loading it with torch.load(weights_only=True) only."""
     from kdcli.jobs.common import check_out
+    from kdcli.models.convert import convert_checkpoint
 
     check_out(out, force)
-    summary = convert_checkpoint(checkpoint, arch, out, image_size, ema)
+    flags = _flags("", image_size, mean, std, interpolation)
+    summary = convert_checkpoint(checkpoint, arch, out, flags, ema, prefix)
     if json_:
         _print_json(summary)
         return
-    out_console.print(
-        f"converted {summary['tensors']} tensors from {summary['weights']} of {checkpoint}: {arch}, "
-        f"{summary['num_classes']} classes, {summary['params'] / 1e6:.3f} M params -> {out}\n"
-        f"use it: kdcli distill {out} STUDENT --data DIR   or   timm.create_model('local-dir:{out}', pretrained=True)",
-        markup=False, highlight=False, soft_wrap=True,
-    )
+    from kdcli.display import print_conversion
+
+    print_conversion(summary, checkpoint, out)
 
 
 @recipe_app.command("validate")
@@ -298,17 +385,21 @@ def methods(json_: bool = JSON) -> None:
 
 @app.command()
 def inspect(
-    model: str = typer.Argument(..., help="a timm architecture name, or a .safetensors file / timm folder"),
+    model: str = typer.Argument(..., help="a timm architecture name, a .safetensors file / timm folder, "
+                                "hf-hub:ORG/NAME or ARCH.TAG"),
     image_size: int = typer.Option(None, "--image-size", help="input size [default: the checkpoint's, else timm's]"),
     arch: str = typer.Option(None, "--arch", help="architecture of the weights, if they do not say"),
     num_classes: int = typer.Option(1000, "--num-classes", min=1, help="classes of an architecture named by name"),
+    mean: str = _mean_option("", "its"),
+    std: str = _std_option("", "its"),
+    interpolation: str = _interp_option("", "its"),
     json_: bool = JSON,
 ) -> None:
-    """Architecture, parameters, size and the taps (index, module path, channels, reduction) of a model."""
+    """Architecture, parameters, size, preprocessing and the taps (index, module path, channels, reduction) of a model."""
     from kdcli.display import print_inspection
     from kdcli.models.inspection import inspect_model
 
-    info = inspect_model(model, image_size, arch, num_classes)
+    info = inspect_model(model, image_size, arch, num_classes, _flags("", None, mean, std, interpolation))
     if json_:
         _print_json(info)
         return

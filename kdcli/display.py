@@ -104,10 +104,11 @@ def print_methods(rows: list[dict]) -> None:
 
 
 def print_inspection(info: dict) -> None:
-    source = "weights file" if info["from_file"] else "random init"
+    source = info["init"] if info["from_file"] else "random init"
     out_console.print(f"[bold]{info['arch']}[/bold] ({source}): {info['params'] / 1e6:.3f} M params, "
-                      f"{info['bytes'] / 2**20:.2f} MiB, {info['num_classes']} classes, "
-                      f"input {info['image_size']}x{info['image_size']}", highlight=False)
+                      f"{info['bytes'] / 2**20:.2f} MiB, {info['num_classes']} classes", highlight=False)
+    for line in _preprocessing_lines(info["preprocessing"]):
+        out_console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     table = Table(title="taps (recipe: {feature: N}, {module: PATH} or penultimate)")
     for column in ("tap", "module path", "channels", "reduction", f"shape at {info['image_size']}"):
         table.add_column(column, justify="right" if column in ("channels", "reduction") else "left")
@@ -117,3 +118,69 @@ def print_inspection(info: dict) -> None:
     out_console.print(table)
     out_console.print("any other named module also works as module:<path> (feature:-1 is the last feature)",
                       highlight=False)
+
+
+def _preprocessing_lines(pre: dict) -> list[str]:
+    size = pre["input_size"][-1]
+    mean, std = (",".join(f"{v:g}" for v in pre[k]) for k in ("mean", "std"))
+    lines = [f"input {size}x{size} {pre['interpolation']}, crop {pre['crop_pct']:g} {pre['crop_mode']}, "
+             f"mean {mean}, std {std}"]
+    by_source: dict[str, list[str]] = {}
+    for name, source in pre["sources"].items():
+        by_source.setdefault(source, []).append(name)
+    lines.append("from: " + "; ".join(f"{', '.join(names)}: {source}" for source, names in by_source.items()))
+    if pre["guessed"]:
+        lines.append(f"guessed (no flag or file states them): {', '.join(pre['guessed'])}")
+    return lines
+
+
+def print_plan(plan: dict, stderr: bool = False) -> None:
+    """The run plan as lines: models, init, preprocessing and where each value came from, data, steps, time."""
+    console = Console(stderr=True) if stderr else out_console
+    say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    recipe = plan["recipe"]
+    say(f"plan: {plan['kind']} with recipe {recipe['name']}: {', '.join(recipe['stages'])}")
+    data = plan["data"]
+    say(f"  data     {data['description']}" + (f"; images {data['image_sizes']}" if data["image_sizes"] else ""))
+    for role in ("teacher", "student"):
+        entry = plan[role]
+        if entry is None:
+            continue
+        say(f"  {role:<8} {entry['arch']} ({entry['ref']}): {entry['classes']} classes, "
+            f"{entry['params'] / 1e6:.2f} M params; init: {entry['init']}")
+        for line in _preprocessing_lines(entry["preprocessing"]):
+            say(f"           {line}")
+        if role == "teacher":
+            check = entry["check"]
+            if check:
+                say(f"           val top-1 {check['top1']:.1f}% (chance {check['chance']:.1f}%, needs "
+                    f"{check['threshold']:.1f}%): {check['result']}")
+            say(f"           gets {entry['input']}")
+    steps = plan["steps"]
+    say(f"  steps    {steps['per_epoch']} per epoch x {steps['epochs']} epochs = {steps['total']} steps of "
+        f"{steps['batch_size']} images")
+    estimate = plan["estimate"]
+    say(f"  time     about {_duration(estimate['seconds'])} on {estimate['device']} ({estimate['threads']} threads; "
+        "a rough estimate from timed forward passes)")
+    for note in plan["notes"]:
+        say(f"  note     {note}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def print_conversion(summary: dict, checkpoint: str, out: Path) -> None:
+    say = lambda text: out_console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    say(f"converted {summary['tensors']} tensors from {summary['weights']} of {checkpoint}: {summary['arch']} "
+        f"(from {summary['arch_from']}), {summary['num_classes']} classes, {summary['params'] / 1e6:.3f} M params "
+        f"-> {out}")
+    for line in _preprocessing_lines(summary["preprocessing"]):
+        say(f"  {line}")
+    if summary["also_in_file"]:
+        say(f"  the file also holds {', '.join(summary['also_in_file'])} (--ema takes the EMA weights)")
+    say(f"use it: kdcli distill {out} STUDENT --data DIR   or   timm.create_model('local-dir:{out}', pretrained=True)")

@@ -110,6 +110,73 @@ def teacher_with_bad_config(c):
     return folder
 
 
+def teacher_with_config(c, name, **changes):
+    """The session teacher's folder with config.json fields changed (None deletes a field)."""
+    import json
+
+    folder = c.folder(name)
+    (folder / "model.safetensors").write_bytes((c.teacher / "model.safetensors").read_bytes())
+    config = json.loads((c.teacher / "config.json").read_text())
+    for path, value in changes.items():
+        holder, _, key = path.rpartition("__")
+        target = config[holder] if holder else config
+        target.pop(key) if value is None else target.__setitem__(key, value)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def teacher_with_metadata(c, **metadata):
+    tensors = safetensors.torch.load_file(str(c.teacher / "model.safetensors"))
+    path = c.tmp / "meta.safetensors"
+    safetensors.torch.save_file(tensors, str(path), metadata={"arch": "test_resnet", **metadata})
+    return path
+
+
+def nan_weights(c):
+    tensors = safetensors.torch.load_file(str(c.teacher / "model.safetensors"))
+    tensors["fc.weight"][0, 0] = float("nan")
+    folder = c.folder("nan")
+    safetensors.torch.save_file(tensors, str(folder / "model.safetensors"), metadata={"arch": "test_resnet"})
+    (folder / "config.json").write_text((c.teacher / "config.json").read_text())
+    return folder
+
+
+def training_checkpoint(c):
+    path = c.tmp / "checkpoint.safetensors"
+    safetensors.torch.save_file({"student.fc.weight": torch.zeros(10, 4)}, str(path),
+                                metadata={"kdcli_state": "{}", "arch": "test_resnet"})
+    return path
+
+
+def bare_teacher(c):
+    tensors = safetensors.torch.load_file(str(c.teacher / "model.safetensors"))
+    path = c.tmp / "teacher_bare.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    return path
+
+
+def random_teacher(c):
+    import timm
+
+    from kdcli.data import DataConfig
+    from kdcli.models.checkpoint import LoadedModel, save_timm_folder
+
+    folder = c.tmp / "random_teacher"
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    save_timm_folder(folder, LoadedModel(model, "test_resnet", 10), DataConfig(32, (0.5,) * 3, (0.5,) * 3), None)
+    return folder
+
+
+def lightning_ckpt(c):
+    import timm
+
+    state = timm.create_model("test_resnet", num_classes=10).state_dict()
+    path = c.tmp / "last.ckpt"
+    torch.save({"epoch": 1, "state_dict": {f"model.{k}": v for k, v in state.items()}}, path)
+    return ["convert", path, "--arch", "test_resnet", "--out", c.out]
+
+
 def out_is_not_empty(c):
     c.out.mkdir()
     (c.out / "keep.txt").write_text("mine")
@@ -174,7 +241,61 @@ CASES = {
     "teacher-data-classes": (
         lambda c: c.distill(c.teacher_with_classes(7)), ["teacher has 7 classes", "data has 10"]),
     "student-teacher-classes": (
-        lambda c: c.distill(None, c.teacher_with_classes(7)), ["student has 7 classes", "teacher has 10"]),
+        lambda c: c.distill(None, c.teacher_with_classes(7)), ["has 7 classes but the data has 10", "--reset-head"]),
+    "config-field-wrong-type": (
+        lambda c: c.distill(teacher_with_config(c, "t", pretrained_cfg__mean="0.5")),
+        ["config.json: field 'pretrained_cfg.mean' must be 3 finite numbers", '(got "0.5")']),
+    "config-zero-std": (
+        lambda c: c.distill(teacher_with_config(c, "t", pretrained_cfg__std=[0, 0.5, 0.5])),
+        ["field 'pretrained_cfg.std' must be 3 positive numbers"]),
+    "config-bad-input-size": (
+        lambda c: c.distill(teacher_with_config(c, "t", pretrained_cfg__input_size=[3, 0, 0])),
+        ["field 'pretrained_cfg.input_size' must be [channels, height, width]"]),
+    "config-architecture-not-a-string": (
+        lambda c: c.distill(teacher_with_config(c, "t", architecture=18)),
+        ["field 'architecture' must be a timm architecture name"]),
+    "config-not-an-object": (
+        lambda c: c.distill(teacher_with_config(c, "t", pretrained_cfg=[1, 2])),
+        ["field 'pretrained_cfg' must be a JSON object"]),
+    "config-model-args-do-not-build": (
+        lambda c: c.distill(teacher_with_config(c, "t", model_args={"no_such_arg": 1})),
+        ["teacher", "timm cannot build test_resnet with no_such_arg=1", "fix its model_args"]),
+    "grayscale-model": (
+        lambda c: c.distill(teacher_with_config(c, "t", model_args={"in_chans": 1})),
+        ["takes 1-channel images", "RGB"]),
+    "metadata-not-json": (
+        lambda c: c.distill(teacher_with_metadata(c, data_config="{input_size: 32")),
+        ["safetensors metadata field 'data_config' is not JSON"]),
+    "metadata-zero-std": (
+        lambda c: c.distill(teacher_with_metadata(c, data_config='{"std": [0.5, 0.0, 0.5]}')),
+        ["(safetensors metadata): field 'data_config.std' must be 3 positive numbers"]),
+    "non-finite-weights": (lambda c: c.distill(nan_weights(c)), ["weight 'fc.weight' holds NaN or infinite values"]),
+    "training-checkpoint-as-model": (
+        lambda c: ["eval", training_checkpoint(c), "--data", DATA],
+        ["kdcli's training checkpoint of an interrupted run", "--resume", "student/"]),
+    "unknown-architecture-train": (
+        lambda c: ["train", "resnet1", "--data", DATA, "--out", c.out], ["unknown timm architecture 'resnet1'"]),
+    "unknown-architecture-demo": (
+        lambda c: ["demo", "--teacher", "resnet1", "--data", DATA, "--out", c.out], ["unknown timm architecture"]),
+    "unknown-student-bare-teacher": (
+        lambda c: c.distill(bare_teacher(c), "mobilenetv2_05", "--teacher-arch", "test_resnet"),
+        ["unknown timm architecture 'mobilenetv2_05'"]),
+    "unknown-pretrained-tag": (
+        lambda c: c.distill(None, "test_resnet.nope"), ["no pretrained weights under that tag", "r160_in1k"]),
+    "hub-not-cached": (
+        lambda c: c.distill("hf-hub:kdcli-tests/absent"), ["not in the Hugging Face cache", "HF_HUB_OFFLINE is set"]),
+    "hub-name-without-prefix": (
+        lambda c: c.distill("someorg/some-model"), ["does not exist", "hf-hub:someorg/some-model"]),
+    "teacher-at-chance": (
+        lambda c: c.distill(random_teacher(c)),
+        ["no better than chance", "class folders", "--teacher-mean", "--allow-weak-teacher"]),
+    "teacher-label-names-differ": (
+        lambda c: c.distill(teacher_with_config(c, "t", label_names=[f"class_{i}" for i in reversed(range(10))])),
+        ["label_names differ from the data's class folders", "another order", "--allow-weak-teacher"]),
+    "bad-preprocessing-flag": (
+        lambda c: c.distill(None, "test_efficientnet", "--teacher-std", "0.5,0"),
+        ["--teacher-std 0.5,0: expected 3 comma-separated positive numbers"]),
+    "convert-needs-prefix": (lambda c: lightning_ckpt(c), ["no classifier weight 'fc.weight'", "--prefix"]),
     "unsafe-pickle-convert": (lambda c: unsafe_pickle(c), ["weights_only=True", "Unsupported global", "torch.save(model.state_dict()"]),
     # recipe and overrides
     "unknown-recipe": (
@@ -229,7 +350,8 @@ CASES = {
         lambda c: c.distill(data=str(image_folder(c.tmp / "d", bad="train/c3/broken.jpg"))),
         ["cannot read image", "broken.jpg", "remove or replace"]),
     "image-fails-to-decode": (
-        lambda c: c.distill(None, "test_efficientnet", "--set", "data.workers=1", data=str(undecodable(c))),
+        lambda c: c.distill(None, "test_efficientnet", "--set", "data.workers=1", "--allow-weak-teacher",
+                            data=str(undecodable(c))),
         ["cannot read image", "0.png", "remove or replace"]),
     "incomplete-cifar": (lambda c: incomplete_cifar(c), ["incomplete", "data_batch_2"]),
     "bad-synthetic-spec": (lambda c: c.distill(data="synthetic:train=x"), ["synthetic:train=N,val=M"]),

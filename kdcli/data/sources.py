@@ -55,7 +55,8 @@ class DataSource:
     train: Dataset
     val: Dataset
     classes: list[str]
-    native_size: int | None  # the images' own size when all share one (CIFAR, synthetic)
+    native_size: int | None  # the images' own size when all share one square size
+    sizes: str = ""  # what the images' sizes are, for the run plan
 
     @property
     def num_classes(self) -> int:
@@ -95,7 +96,7 @@ def _image_folder_source(root: Path) -> DataSource:
     if splits["val"][1] != classes:
         extra = sorted(set(splits["val"][1]) ^ set(classes))
         raise KdcliError(f"train/ and val/ in {root} have different class folders (differ: {', '.join(extra[:5])})")
-    datasets = {}
+    datasets, sizes = {}, set()
     for split, (folder, _) in splits.items():
         files, labels = [], []
         for index, name in enumerate(classes):
@@ -107,23 +108,35 @@ def _image_folder_source(root: Path) -> DataSource:
                     f"class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...); "
                     "add images or remove the folder"
                 )
-            _check_headers(found)
+            sizes |= _check_headers(found)
             files += found
             labels += [index] * len(found)
         datasets[split] = FileImages(files, labels)
     desc = f"ImageFolder {root} ({len(datasets['train'])} train / {len(datasets['val'])} val, {len(classes)} classes)"
-    return DataSource(desc, datasets["train"], datasets["val"], classes, native_size=None)
+    native, note = _native_size(sizes)
+    return DataSource(desc, datasets["train"], datasets["val"], classes, native_size=native, sizes=note)
 
 
-def _check_headers(files: list[Path]) -> None:
+def _native_size(sizes: set[tuple[int, int]]) -> tuple[int | None, str]:
+    """(the images' shared square size or None, what their sizes are)."""
+    if len(sizes) == 1:
+        (width, height), = sizes
+        return (width if width == height else None), f"all {width}x{height}"
+    smallest, largest = min(sizes, key=lambda s: s[0] * s[1]), max(sizes, key=lambda s: s[0] * s[1])
+    return None, f"{len(sizes)} sizes, {smallest[0]}x{smallest[1]} to {largest[0]}x{largest[1]}"
+
+
+def _check_headers(files: list[Path]) -> set[tuple[int, int]]:
     """Open every image's header before training (no decoding; 5000 PNGs took 0.2 s), so a stray non-image fails
-    up front instead of hours into a run."""
+    up front instead of hours into a run; returns the sizes the headers declare."""
+    sizes = set()
     for path in files:
         try:
-            with Image.open(path):
-                pass
+            with Image.open(path) as img:
+                sizes.add(img.size)
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise KdcliError(f"cannot read image {path}: {err}; remove or replace the file") from err
+    return sizes
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
@@ -172,7 +185,7 @@ def _cifar_source(root: Path) -> DataSource:
     classes = [n.decode() if isinstance(n, bytes) else str(n) for n in _read_cifar_batch(meta)[names_key]]
     train, val = load(train_files), load(val_files)
     desc = f"CIFAR {root} ({len(train)} train / {len(val)} val, {len(classes)} classes)"
-    return DataSource(desc, train, val, classes, native_size=32)
+    return DataSource(desc, train, val, classes, native_size=32, sizes="all 32x32")
 
 
 def _synthetic_source(spec: str) -> DataSource:
@@ -187,4 +200,5 @@ def _synthetic_source(spec: str) -> DataSource:
     val = ArrayImages(*synthetic_images(counts["val"], split_seed=2))
     classes = [f"class_{i}" for i in range(SYNTHETIC_CLASSES)]
     desc = f"synthetic ({counts['train']} train / {counts['val']} val, {SYNTHETIC_CLASSES} classes, 32x32)"
-    return DataSource(desc, train, val, classes, native_size=SYNTHETIC_SIZE)
+    return DataSource(desc, train, val, classes, native_size=SYNTHETIC_SIZE,
+                      sizes=f"all {SYNTHETIC_SIZE}x{SYNTHETIC_SIZE}")

@@ -25,6 +25,7 @@ class Subject:
     loaded: LoadedModel
     config: DataConfig
     path: Path | None
+    predictions: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits, labels) on val, if already computed
 
 
 def run_info(device: torch.device, source: DataSource, config: DataConfig, seconds: float,
@@ -45,6 +46,8 @@ def run_info(device: torch.device, source: DataSource, config: DataConfig, secon
 
 def _logits(subject: Subject, source: DataSource, batch_size: int, workers: int,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if subject.predictions is not None:  # e.g. the teacher, evaluated before training by the teacher check
+        return subject.predictions
     model: nn.Module = subject.loaded.model.to(device)
     return predict(model, eval_loader(EvalView(source.val, subject.config), batch_size, workers), device)
 

@@ -181,6 +181,12 @@ def render_markdown(report: dict) -> str:
     recipe = report.get("recipe")
     if recipe:
         lines.append(f"- recipe: `{recipe['name']}` (hash `{recipe['hash']}`; the full recipe is in `recipe.yaml`)")
+    if report["student"].get("init"):
+        lines.append(f"- student init: {report['student']['init']}")
+    check = ((report.get("plan") or {}).get("teacher") or {}).get("check")
+    if check:  # the teacher check of the run plan (jobs/plan.py)
+        lines.append(f"- teacher check: validation top-1 {check['top1']:.1f}% against chance {check['chance']:.1f}% "
+                     f"(needs {check['threshold']:.1f}%): {check['result']}")
     seed = f", seed {run['seed']}" if run.get("seed") is not None else ""
     lines += [
         f"- data: {run['data']}, input {run['data_config']['input_size'][-1]} px",

@@ -13,7 +13,7 @@ from kdcli.errors import KdcliError
 from kdcli.evaluation.assess import Subject
 from kdcli.models.checkpoint import LoadedModel, load_checkpoint
 from kdcli.models.modes import evaluating
-from kdcli.models.preprocessing import own_config
+from kdcli.models.preprocessing import Layer, native_layer, own_preprocessing
 from kdcli.training.trainstate import CHECKPOINT_NAME
 
 
@@ -41,15 +41,18 @@ def check_out(out: Path, force: bool) -> None:
         raise KdcliError(f"--out {out}: cannot write in {existing} ({err.strerror}); choose another folder") from err
 
 
-def subject(ref: str, arch: str | None, role: str, flag: str, source: DataSource) -> Subject:
-    """A model to evaluate with its own preprocessing (its config.json, else its architecture's defaults)."""
+def subject(ref: str, arch: str | None, role: str, flag: str, source: DataSource,
+            flags: Layer | None = None) -> Subject:
+    """A model to evaluate with its own preprocessing: flags, else its config.json, else the data's native size
+    and its architecture's defaults."""
     loaded = load_checkpoint(ref, arch, role, flag)
     if loaded.num_classes != source.num_classes:
         raise KdcliError(
             f"the {role} has {loaded.num_classes} classes but the data has {source.num_classes}; "
             "evaluate it on the data it was trained for"
         )
-    return Subject(loaded, own_config(loaded, source.native_size), loaded.weights_path)
+    resolved = own_preprocessing(flags, loaded.stated, native_layer(source.native_size), loaded.arch)
+    return Subject(loaded, resolved.config, loaded.weights_path)
 
 
 def probe(loaded: LoadedModel, size: int, role: str, device: torch.device) -> None:

@@ -13,6 +13,7 @@ from kdcli.evaluation.assess import assess, run_info
 from kdcli.evaluation.gate import check_gate_options, enforce, gate_result
 from kdcli.evaluation.report import stamp, write_report
 from kdcli.jobs.common import check_out, resolve_device, subject
+from kdcli.models.preprocessing import Layer
 
 
 def eval_checkpoint(
@@ -32,6 +33,8 @@ def eval_checkpoint(
     min_top1: float | None = None,
     max_drop: float | None = None,
     threads: int | None = None,
+    flags: Layer | None = None,
+    teacher_flags: Layer | None = None,
 ) -> dict:
     """Assess a checkpoint (against a teacher and a baseline, if given); with out, write the report there.
     Applies the gate last: QualityGateFailed carries the finished report."""
@@ -46,8 +49,9 @@ def eval_checkpoint(
         if out is not None:
             check_out(Path(out), force)
         source = open_data(data_spec)
-        student = subject(ref, arch, "checkpoint", "--arch", source)
-        teacher = subject(teacher_ref, teacher_arch, "teacher", "--teacher-arch", source) if teacher_ref else None
+        student = subject(ref, arch, "checkpoint", "--arch", source, flags)
+        teacher = subject(teacher_ref, teacher_arch, "teacher", "--teacher-arch", source, teacher_flags) \
+            if teacher_ref else None
         baseline = subject(baseline_ref, baseline_arch, "baseline", "--baseline-arch", source) if baseline_ref else None
         evaluation = assess(source, device, batch_size, workers, student, teacher, baseline)
         report = stamp({

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import torch
 
-from kdcli.data import DataConfig, DataSource, EvalView, Renormalize, TrainView, eval_loader, open_data
+from kdcli.data import DataConfig, DataSource, EvalView, TrainView, eval_loader, open_data
 from kdcli.errors import Interrupted, KdcliError
 from kdcli.evaluation.assess import Subject, assess, run_info
 from kdcli.evaluation.gate import check_gate_options, enforce, gate_result
 from kdcli.evaluation.report import stage_entry, stamp, write_report
 from kdcli.fsio import write_text
 from kdcli.jobs.common import check_out, probe, resolve_device, subject
+from kdcli.jobs.plan import ModelChoices, TeacherCheck, build_plan, check_teacher, resolve_models
 from kdcli.jobs.resume import check_same_run, identity, open_resume
-from kdcli.models.checkpoint import LoadedModel, fresh_model, is_checkpoint_ref, load_checkpoint, save_timm_folder
-from kdcli.models.preprocessing import own_config, student_data_config
+from kdcli.models.checkpoint import LoadedModel, save_timm_folder
+from kdcli.models.preprocessing import recipe_layer, teacher_input
 from kdcli.training.engine import Listener, StopRequested, Term, TrainingData
 from kdcli.training.pipeline import Checkpoint, Models, StageOutcome, check_plan, restore_models, run_stages
 from kdcli.training.recipe import Recipe
@@ -40,7 +41,6 @@ class Run:
     device: torch.device
     source: DataSource
     student: LoadedModel
-    start: LoadedModel | None  # the checkpoint the student started from, if any
     config: DataConfig  # the student's preprocessing
     teacher: LoadedModel | None
     teacher_config: DataConfig | None  # the teacher's own preprocessing
@@ -52,6 +52,8 @@ class Run:
     min_top1: float | None
     max_drop: float | None
     started: float
+    teacher_check: TeacherCheck | None = None  # the teacher's validation predictions, reused by the report
+    plan: dict | None = None
 
     @property
     def student_folder(self) -> Path:
@@ -66,6 +68,8 @@ def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *
     fresh = not out.exists()
     try:
         run = prepare(recipe, student_ref, data_spec, out, **options)
+        if options.get("dry_run"):
+            return run.plan
         return finish(run, train(run, listener))
     except KdcliError:
         if fresh and out.is_dir() and not (out / CHECKPOINT_NAME).exists():
@@ -82,6 +86,7 @@ def prepare(
     teacher_ref: str | None = None,
     teacher_arch: str | None = None,
     student_arch: str | None = None,
+    choices: ModelChoices | None = None,
     device_name: str = "auto",
     force: bool = False,
     resume: bool = False,
@@ -90,63 +95,57 @@ def prepare(
     baseline_arch: str | None = None,
     min_top1: float | None = None,
     max_drop: float | None = None,
+    dry_run: bool = False,
+    show_plan=None,
 ) -> Run:
-    """Load and check models, data and recipe; open the checkpoint to resume from (or the out folder)."""
+    """Load and check models, data and recipe; check the teacher on the validation split; build the run plan
+    (shown through show_plan before training); open the checkpoint to resume from (or the out folder)."""
     started = time.perf_counter()
+    choices = choices or ModelChoices(teacher_arch, student_arch)
     check_gate_options(min_top1, max_drop, teacher_ref is not None)
     device = resolve_device(device_name)
     tensors, state = open_resume(out) if resume else ({}, None)
     if not resume:
         check_out(out, force)
-    teacher = load_checkpoint(teacher_ref, teacher_arch, "teacher", "--teacher-arch") if teacher_ref else None
     source = open_data(data_spec)
-    if teacher and teacher.num_classes != source.num_classes:
-        raise KdcliError(
-            f"the teacher has {teacher.num_classes} classes but the data has {source.num_classes}; "
-            "pass the data the teacher was trained on, or a teacher for this data"
-        )
-    baseline = subject(baseline_ref, baseline_arch, "baseline", "--baseline-arch", source) if baseline_ref else None
-    start = load_checkpoint(student_ref, student_arch, "student", "--student-arch") if is_checkpoint_ref(student_ref) else None
-    num_classes = teacher.num_classes if teacher else source.num_classes
-    if start and start.num_classes != num_classes:
-        whose = "the teacher" if teacher else "the data"
-        raise KdcliError(
-            f"the student has {start.num_classes} classes but {whose} has {num_classes}; "
-            "start from a student with the same classes, or from an architecture name"
-        )
-    arch = start.arch if start else student_ref
     settings = recipe.data
-    config = student_data_config(settings.image_size, settings.mean, settings.std, teacher, start, arch,
-                                 source.native_size)
-    torch.manual_seed(recipe.seed)
-    student = start or fresh_model(arch, num_classes, config.image_size)
+    from_recipe = recipe_layer(settings.image_size, settings.mean, settings.std)
+    resolved = resolve_models(student_ref, teacher_ref, source, choices, from_recipe, recipe.seed)
+    teacher, student, config = resolved.teacher, resolved.student, resolved.student_pre.config
+    fingerprint = {
+        "kind": kind, "recipe": recipe.to_dict(), "data": source.description,
+        "teacher": identity(teacher, teacher_ref), "student": identity(student, student_ref),
+    }
+    if state is not None:  # before the teacher check: other inputs are the likelier and cheaper mistake
+        check_same_run(out, state["fingerprint"], fingerprint)
+    baseline = subject(baseline_ref, baseline_arch, "baseline", "--baseline-arch", source) if baseline_ref else None
     student.model.to(device)
     probe(student, config.image_size, "student", device)
-    teacher_config, teacher_input = None, (lambda x: x)
+    teacher_config, adapter, check = None, None, None
     if teacher:
+        teacher_config = resolved.teacher_pre.config
         teacher.model.to(device).eval().requires_grad_(False)
-        probe(teacher, config.image_size, "teacher", device)
-        teacher_config = own_config(teacher, source.native_size)
-        if (teacher_config.mean, teacher_config.std) != (config.mean, config.std):
-            teacher_input = Renormalize(config, teacher_config).to(device)
+        probe(teacher, teacher_config.image_size, "teacher", device)
+        check = check_teacher(teacher, resolved.teacher_pre, source, device, settings.eval_batch_size,
+                              settings.workers, choices.allow_weak_teacher)
+        adapter = teacher_input(config, teacher_config)
     data = TrainingData(
         view=TrainView(source.train, config, settings.augment.hflip, settings.augment.crop, recipe.seed),
         val_loader=eval_loader(EvalView(source.val, config), settings.eval_batch_size, settings.workers),
         batch_size=settings.batch_size, workers=settings.workers, seed=recipe.seed,
     )
-    models = Models(student.model, student.pretrained, teacher.model if teacher else None, config.image_size,
-                    teacher_input)
+    teacher_in = adapter.to(device) if adapter is not None else (lambda x: x)
+    models = Models(student.model, resolved.started_from_weights, teacher.model if teacher else None,
+                    config.image_size, teacher_in)
     all_terms = check_plan(recipe, models)
-    fingerprint = {
-        "kind": kind, "recipe": recipe.to_dict(), "data": source.description,
-        "teacher": identity(teacher, teacher_ref), "student": identity(student, student_ref),
-    }
+    plan = build_plan(kind, recipe, source, resolved, student_ref, teacher_ref, check, data.view, device)
+    if show_plan is not None and not dry_run:
+        show_plan(plan)
     checkpoint = Checkpoint(out / CHECKPOINT_NAME, fingerprint, tensors=tensors, state=state)
     if checkpoint.resuming:
-        check_same_run(out, state["fingerprint"], fingerprint)
         restore_models(checkpoint, models, all_terms)
-    return Run(kind, recipe, out, device, source, student, start, config, teacher, teacher_config, baseline, models,
-               all_terms, data, checkpoint, min_top1, max_drop, started)
+    return Run(kind, recipe, out, device, source, student, config, teacher, teacher_config, baseline, models,
+               all_terms, data, checkpoint, min_top1, max_drop, started, check, plan)
 
 
 def train(run: Run, listener: Listener) -> list[StageOutcome]:
@@ -170,17 +169,21 @@ def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
     """Write the student, assess it, write the report, delete the training checkpoint, apply the gate."""
     folder = run.student_folder
     save_timm_folder(folder, run.student, run.config, run.source.classes, {"recipe_hash": run.recipe.digest()})
-    teacher = Subject(run.teacher, run.teacher_config, run.teacher.weights_path) if run.teacher else None
+    teacher = None
+    if run.teacher:
+        check = run.teacher_check
+        teacher = Subject(run.teacher, run.teacher_config, run.teacher.weights_path, (check.logits, check.labels))
     settings = run.recipe.data
     evaluation = assess(run.source, run.device, settings.eval_batch_size, settings.workers,
                         Subject(run.student, run.config, folder / "model.safetensors"), teacher, run.baseline)
-    evaluation["student"]["init"] = str(run.start.weights_path) if run.start else "random"
+    evaluation["student"]["init"] = run.student.init
     report = stamp({
         "kind": run.kind,
         "run": run_info(run.device, run.source, run.config, time.perf_counter() - run.started, run.recipe.seed),
         "recipe": {"name": run.recipe.name, "hash": run.recipe.digest(), "resolved": run.recipe.to_dict()},
         "stages": [stage_entry(o) for o in outcomes],
         **evaluation,
+        "plan": run.plan,
     })
     report["gate"] = gate_result(report, run.min_top1, run.max_drop)
     report = write_report(run.out, report)

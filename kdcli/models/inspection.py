@@ -6,6 +6,7 @@ from pydantic import BaseModel
 
 from kdcli.models import taps
 from kdcli.models.checkpoint import LoadedModel, check_arch, count_params, fresh_model, is_checkpoint_ref, load_checkpoint
+from kdcli.models.preprocessing import Layer, Resolved, merge, own_preprocessing, preprocessing_flags
 from kdcli.errors import KdcliError
 from kdcli.training.methods import REGISTRY
 
@@ -43,29 +44,25 @@ def method_rows() -> list[dict]:
     return rows
 
 
-def _load(ref: str, arch_flag: str | None, image_size: int | None, num_classes: int) -> tuple[LoadedModel, int]:
+def _load(ref: str, arch_flag: str | None, flags: Layer | None, num_classes: int) -> tuple[LoadedModel, Resolved]:
+    """The model (from its checkpoint, or fresh) and its preprocessing: flags, else the checkpoint's, else timm's."""
     if is_checkpoint_ref(ref):
         loaded = load_checkpoint(ref, arch_flag, "checkpoint", "--arch")
-        recorded = loaded.data_config.image_size if loaded.data_config else None
-        size = image_size or recorded or int(loaded.model.pretrained_cfg["input_size"][-1])
-        return loaded, size
-    from timm.models import get_pretrained_cfg
-
+        return loaded, own_preprocessing(flags, loaded.stated, None, loaded.arch)
     check_arch(ref, "kdcli inspect ARCH")
-    cfg = get_pretrained_cfg(ref)
-    size = image_size or (int(cfg.input_size[-1]) if cfg is not None else 224)
-    return fresh_model(ref, num_classes, size), size
+    resolved = own_preprocessing(flags, None, None, ref)
+    return fresh_model(ref, num_classes, resolved.config.image_size), resolved
 
 
 def inspect_model(ref: str, image_size: int | None = None, arch_flag: str | None = None,
-                  num_classes: int = 1000) -> dict:
+                  num_classes: int = 1000, flags: Layer | None = None) -> dict:
     """Architecture, parameters, size and every tap (with its shape at image_size) of an arch or checkpoint.
 
     image_size defaults to the size recorded with a checkpoint, else the architecture's timm default; a
     fixed-size architecture (ViT) named by arch is built for the size asked, as `kdcli distill` would."""
-    if image_size is not None and image_size < 8:
-        raise KdcliError(f"--image-size {image_size}: must be 8 or more")
-    loaded, size = _load(ref, arch_flag, image_size, num_classes)
+    flags = merge(preprocessing_flags("", image_size, None, None, None), flags)
+    loaded, resolved = _load(ref, arch_flag, flags, num_classes)
+    size = resolved.config.image_size
     model = loaded.model.eval()
     available = taps.available_taps(model)
     try:
@@ -83,6 +80,9 @@ def inspect_model(ref: str, image_size: int | None = None, arch_flag: str | None
         "from_file": loaded.pretrained,
         "image_size": size,
         "model_args": loaded.model_args,
+        "init": loaded.init,
+        "preprocessing": {**resolved.summary(), **({} if loaded.pretrained else {"guessed": []})},
+        "notes": loaded.notes,
         "taps": [
             {"key": t.key, "module": t.module, "channels": t.channels, "reduction": t.reduction,
              "shape": list(found[t.key][1:])}
