@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from conftest import DATA
+from conftest import DATA, TEACHER_DATA
 from kdcli.data import DataConfig, TrainView, open_data, train_loader
 from kdcli.training.methods import REGISTRY
 from kdcli.training.optim import OptimizerSettings, make_optimizer
@@ -88,10 +88,12 @@ def test_cuda_mixed_precision_uses_bf16_only_where_the_gpu_has_it(monkeypatch):
 
 
 def test_the_logged_learning_rate_is_the_one_the_epochs_last_step_used(teacher_dir):
-    """The session's teacher: `kdcli train test_resnet --epochs 2` on 256 images, batch 64, lr 0.05, cosine."""
-    history = json.loads((teacher_dir / "report.json").read_text())["stages"][0]["history"]
-    steps = len(open_data(DATA).train) // 64
-    total = 2 * steps
-    expected = [0.05 * 0.5 * (1 + math.cos(math.pi * (steps * epoch - 1) / total)) for epoch in (1, 2)]
+    """The session's teacher (`kdcli train`, one cosine stage): each epoch logs the lr of its last step."""
+    report = json.loads((teacher_dir / "report.json").read_text())
+    history, ran = report["stages"][0]["history"], report["recipe"]["resolved"]
+    lr, epochs, batch = ran["stages"][0]["optimizer"]["lr"], ran["stages"][0]["epochs"], ran["data"]["batch_size"]
+    steps = len(open_data(TEACHER_DATA).train) // batch
+    total = epochs * steps
+    expected = [lr * 0.5 * (1 + math.cos(math.pi * (steps * epoch - 1) / total)) for epoch in range(1, epochs + 1)]
     assert [h["lr"] for h in history] == pytest.approx(expected)
     assert history[-1]["lr"] > 0
