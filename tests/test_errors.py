@@ -327,7 +327,7 @@ CASES = {
     # training
     "teacher-outputs-not-finite": (
         lambda c: c.distill(overflowing(c, "hot")),
-        ["the teacher's outputs are not finite at stage 'kd' epoch 1 step 1; check its weights and preprocessing"]),
+        ["the teacher's outputs are not finite on 128 of 128 validation images; check its weights and preprocessing"]),
     "reference-outputs-not-finite": (
         lambda c: c.distill(None, overflowing(c, "hot"), "--set", "stages.0.anchor.weighting=fixed"),
         ["the reference's outputs are not finite at stage 'kd' epoch 1 step 1; it is the student's starting weights"]),

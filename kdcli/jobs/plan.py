@@ -133,8 +133,14 @@ def check_teacher(teacher: LoadedModel, pre: Resolved, source: DataSource, devic
         )
     teacher.model.to(device)
     logits, labels = predict(teacher.model, eval_loader(EvalView(source.val, pre.config), batch_size, workers), device)
-    top1 = topk_accuracy(logits, labels, 1)
     n = int(labels.numel())
+    broken = int((~logits.isfinite().all(dim=1)).sum())
+    if broken:  # a chance-level score would hide the cause
+        raise KdcliError(
+            f"the teacher's outputs are not finite on {broken} of {n} validation images; "
+            "check its weights and preprocessing"
+        )
+    top1 = topk_accuracy(logits, labels, 1)
     chance = float(torch.bincount(labels, minlength=source.num_classes).max()) / n
     threshold = _significant_count(n, chance) / n
     weak = top1 / 100 < threshold
