@@ -7,7 +7,6 @@ finish() writes the student, assesses it, writes the report and applies the qual
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +19,15 @@ from kdcli.evaluation.assess import Subject, assess, run_info
 from kdcli.evaluation.gate import check_gate_options, enforce, gate_result
 from kdcli.evaluation.report import stage_entry, stamp, write_report
 from kdcli.fsio import write_text
-from kdcli.jobs.common import check_out, probe, resolve_device, subject
+from kdcli.jobs.common import probe, resolve_device, subject
+from kdcli.jobs.outputs import RECIPE_NAME, Outputs, public
 from kdcli.jobs.resume import check_same_run, identity, open_resume
 from kdcli.models.checkpoint import LoadedModel, fresh_model, is_checkpoint_ref, load_checkpoint, save_timm_folder
 from kdcli.models.preprocessing import own_config, student_data_config
 from kdcli.training.engine import Listener, StopRequested, TrainingData
 from kdcli.training.pipeline import Checkpoint, Losses, Models, StageOutcome, check_plan, restore_models, run_stages
 from kdcli.training.recipe import Recipe
-from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals
+from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals, restoring
 
 
 @dataclass
@@ -60,18 +60,19 @@ class Run:
 
 
 def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *, listener: Listener,
-                  **options) -> dict:
-    """distill (with teacher_ref) or train (without): the whole run; a run that fails before its first
-    checkpoint leaves no folder behind."""
-    out = Path(out)
-    fresh = not out.exists()
-    try:
-        run = prepare(recipe, student_ref, data_spec, out, **options)
-        return finish(run, train(run, listener))
-    except KdcliError:
-        if fresh and out.is_dir() and not (out / CHECKPOINT_NAME).exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+                  force: bool = False, resume: bool = False, **options) -> dict:
+    """distill (with teacher_ref) or train (without): the whole run. Its files are written beside --out and
+    moved into place when it succeeds (jobs/outputs.py); a run that stops keeps what --resume needs."""
+    inputs = {"teacher": options.get("teacher_ref"), "baseline": options.get("baseline_ref"), "student": student_ref}
+    with Outputs(Path(out), force=force, resume=resume, data=data_spec, inputs=inputs, in_place=("student",),
+                 phase="checking the inputs") as outputs:
+        run = prepare(recipe, student_ref, data_spec, outputs.folder, resume=resume, **options)
+        outputs.phase = "training"
+        outcomes = train(run, listener)
+        outputs.phase = "writing and evaluating the student"
+        report = finish(run, outcomes)
+    enforce(report)
+    return report
 
 
 def prepare(
@@ -84,7 +85,6 @@ def prepare(
     teacher_arch: str | None = None,
     student_arch: str | None = None,
     device_name: str = "auto",
-    force: bool = False,
     resume: bool = False,
     kind: str = "distill",
     baseline_ref: str | None = None,
@@ -92,15 +92,17 @@ def prepare(
     min_top1: float | None = None,
     max_drop: float | None = None,
 ) -> Run:
-    """Load and check models, data and recipe; open the checkpoint to resume from (or the out folder)."""
+    """Load and check models, data and recipe; open the checkpoint to resume from. out: the folder the run
+    writes in (its staging folder)."""
     started = time.perf_counter()
     check_gate_options(min_top1, max_drop, teacher_ref is not None)
     device = resolve_device(device_name)
     tensors, state = open_resume(out) if resume else ({}, None)
-    if not resume:
-        check_out(out, force)
     teacher = load_checkpoint(teacher_ref, teacher_arch, "teacher", "--teacher-arch") if teacher_ref else None
     source = open_data(data_spec)
+    if len(source.train) < 2:
+        raise KdcliError(f"the training split of {data_spec} has {len(source.train)} image; training needs at least 2 "
+                         "(batch norm cannot train on a batch of one); add images")
     if teacher and teacher.num_classes != source.num_classes:
         raise KdcliError(
             f"the teacher has {teacher.num_classes} classes but the data has {source.num_classes}; "
@@ -138,13 +140,14 @@ def prepare(
     models = Models(student.model, student.pretrained, teacher.model if teacher else None, config.image_size)
     all_losses = check_plan(recipe, models)
     fingerprint = {
-        "kind": kind, "recipe": recipe.to_dict(), "data": source.description,
+        "kind": kind, "recipe": recipe.to_dict(), "data": source.description, "data_identity": source.identity,
         "teacher": identity(teacher, teacher_ref), "student": identity(student, student_ref),
     }
     checkpoint = Checkpoint(out / CHECKPOINT_NAME, fingerprint, tensors=tensors, state=state)
     if checkpoint.resuming:
         check_same_run(out, state["fingerprint"], fingerprint)
-        restore_models(checkpoint, models, all_losses)
+        with restoring(checkpoint.path):
+            restore_models(checkpoint, models, all_losses)
     return Run(kind, recipe, out, device, source, student, start, config, teacher, teacher_config, baseline, models,
                all_losses, data, checkpoint, teacher_input, min_top1, max_drop, started)
 
@@ -152,8 +155,7 @@ def prepare(
 def train(run: Run, listener: Listener) -> list[StageOutcome]:
     """Run the stages; SIGINT/SIGTERM save the state and end in Interrupted."""
     if not run.checkpoint.resuming:
-        run.out.mkdir(parents=True, exist_ok=True)
-        write_text(run.out / "recipe.yaml", run.recipe.to_yaml())
+        write_text(run.out / RECIPE_NAME, run.recipe.to_yaml())
     with StopSignals() as signals:
         run.checkpoint.stop_requested = signals.requested
         try:
@@ -168,14 +170,18 @@ def train(run: Run, listener: Listener) -> list[StageOutcome]:
 
 
 def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
-    """Write the student, assess it, write the report, delete the training checkpoint, apply the gate."""
+    """Write the student, assess it, write the report (the training checkpoint goes when the outputs are moved
+    into place)."""
     folder = run.student_folder
     save_timm_folder(folder, run.student, run.config, run.source.classes, {"recipe_hash": run.recipe.digest()})
     teacher = Subject(run.teacher, run.teacher_config, run.teacher.weights_path) if run.teacher else None
     settings = run.recipe.data
     evaluation = assess(run.source, run.device, settings.eval_batch_size, settings.workers,
                         Subject(run.student, run.config, folder / "model.safetensors"), teacher, run.baseline)
-    evaluation["student"]["init"] = str(run.start.weights_path) if run.start else "random"
+    for entry in (evaluation["student"], evaluation["teacher"], evaluation["baseline"]):
+        if entry and entry["path"]:  # where the files will be when the run is moved into place
+            entry["path"] = str(public(entry["path"]))
+    evaluation["student"]["init"] = str(public(run.start.weights_path)) if run.start else "random"
     report = stamp({
         "kind": run.kind,
         "run": run_info(run.device, run.source, run.config, time.perf_counter() - run.started, run.recipe.seed),
@@ -184,7 +190,4 @@ def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
         **evaluation,
     })
     report["gate"] = gate_result(report, run.min_top1, run.max_drop)
-    report = write_report(run.out, report)
-    run.checkpoint.path.unlink()  # the run is complete: its outputs replace the training state
-    enforce(report)
-    return report
+    return write_report(run.out, report)

@@ -20,7 +20,7 @@ from kdcli.errors import KdcliError
 from kdcli.training.methods import REGISTRY, Method
 from kdcli.training.recipe import Recipe, Stage
 from kdcli.training.trainstate import (
-    join_tensors, load_module, module_tensors, restore_rng, rng_tensors, split_tensors, write_checkpoint,
+    join_tensors, load_module, module_tensors, restore_rng, restoring, rng_tensors, split_tensors, write_checkpoint,
 )
 
 Losses = list[tuple[str, float, Method]]
@@ -177,7 +177,8 @@ def run_stages(
                 method.to(device)
             reference = frozen_copy(models.student) if stage.anchor.weighting != "none" else None
             if resumed and reference is not None:
-                load_module(reference, "reference", checkpoint.tensors)
+                with restoring(checkpoint.path):
+                    load_module(reference, "reference", checkpoint.tensors)
             plan = StagePlan(
                 index=index, name=stage.name, epochs=stage.epochs, student=models.student, teacher=models.teacher,
                 reference=reference, losses=losses, anchor=stage.anchor, optimizer=stage.optimizer,
@@ -186,7 +187,8 @@ def run_stages(
             runner = StageRunner(plan, data, device, listener)
             sums = None
             if resumed:
-                runner.load_state(join_tensors(state["runner"], checkpoint.tensors))
+                with restoring(checkpoint.path):
+                    runner.load_state(join_tensors(state["runner"], checkpoint.tensors))
                 sums = EpochSums(**state["sums"]) if state["sums"] else None
             saver = _Saver(checkpoint, models, all_losses, done, history, reference)
             runner.run(start if resumed else Position(index), sums, history, saver)
