@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from types import UnionType
@@ -16,12 +17,12 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kdcli.errors import KdcliError, close_matches
+from kdcli.errors import KdcliError, brief, close_matches
 from kdcli.training.methods import REGISTRY, MethodParams
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class Augment(_Strict):
@@ -33,14 +34,16 @@ class Augment(_Strict):
 
 class DataSettings(_Strict):
     image_size: int | None = Field(
-        None, ge=8, description="square input size; default: teacher's config, else the data set's native size"
+        None, ge=8, le=4096, description="square input size; default: teacher's config, else the data set's native size"
     )
-    batch_size: int = Field(64, ge=1)
-    eval_batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(
+        64, ge=2, le=65536, description="at least 2: batch norm cannot train on one image (a last batch of 1 is dropped)"
+    )
+    eval_batch_size: int = Field(256, ge=1, le=65536)
     mean: tuple[float, float, float] | None = Field(None, description="default: from the teacher's config")
     std: tuple[float, float, float] | None = Field(None, description="default: from the teacher's config")
     augment: Augment = Field(default_factory=Augment)
-    workers: int = Field(0, ge=0, description="data loader worker processes")
+    workers: int = Field(0, ge=0, le=64, description="data loader worker processes")
 
     @model_validator(mode="after")
     def _positive_std(self) -> DataSettings:
@@ -51,15 +54,17 @@ class DataSettings(_Strict):
 
 class OptimizerSettings(_Strict):
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(0.05, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     nesterov: bool = Field(True, description="sgd only")
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
 
 
 class ScheduleSettings(_Strict):
     name: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from lr/100, in epochs (may be fractional)")
+    warmup_epochs: float = Field(
+        0.0, ge=0, le=10000, description="linear warm-up from lr/100, in epochs (may be fractional)"
+    )
 
 
 class AnchorSettings(_Strict):
@@ -69,8 +74,8 @@ class AnchorSettings(_Strict):
     tcp: Literal["true-class", "max"] = Field(
         "true-class", description="which teacher probability tcp uses: of the true class, or the largest"
     )
-    lambda_: float = Field(1.0, ge=0, alias="lambda", description="weight of the anchor term")
-    temperature: float = Field(4.0, gt=0, description="temperature T_a of the anchor KL")
+    lambda_: float = Field(1.0, ge=0, le=1e4, alias="lambda", description="weight of the anchor term")
+    temperature: float = Field(4.0, ge=0.01, le=1000, description="temperature T_a of the anchor KL")
 
 
 def _loss_union() -> Any:
@@ -82,8 +87,8 @@ LossSpec = _loss_union()
 
 
 class Stage(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="letters, digits, '_', '-', '.'")
-    epochs: int = Field(ge=1)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64, description="letters, digits, '_', '-', '.'")
+    epochs: int = Field(ge=1, le=10000)
     losses: list[LossSpec] = Field(min_length=1, description="weighted KD methods summed in this stage")
     anchor: AnchorSettings = Field(default_factory=AnchorSettings)
     optimizer: OptimizerSettings = Field(
@@ -95,9 +100,9 @@ class Stage(_Strict):
 
 
 class Recipe(_Strict):
-    name: str = "custom"
-    description: str = ""
-    seed: int = 0
+    name: str = Field("custom", max_length=100)
+    description: str = Field("", max_length=10000)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     data: DataSettings = Field(default_factory=DataSettings)
     optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
@@ -143,8 +148,10 @@ class Recipe(_Strict):
 class RecipeError(KdcliError):
     """Every problem found in a recipe; the message is the first, `problems` has them all."""
 
-    def __init__(self, source: str, problems: list[str]):
-        self.problems = [f"recipe {source}: {p}" for p in problems]
+    def __init__(self, source: str, problems: list[str], shown: int = 20):
+        self.problems = [f"recipe {source}: {p}" for p in problems[:shown]]
+        if len(problems) > shown:
+            self.problems.append(f"recipe {source}: {len(problems) - shown} more problems not shown")
         more = f" (+{len(problems) - 1} more: run 'kdcli recipe validate')" if len(problems) > 1 else ""
         super().__init__(self.problems[0] + more)
 
@@ -165,6 +172,10 @@ def builtin_names() -> list[str]:
 DEFAULT_RECIPE = "smskd"
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; refuse to read a huge file whole
+MAX_YAML_NODES = 100_000  # after aliases are expanded: a "billion laughs" document is refused before it is built
+
+
 def load_recipe(ref: str | None = None, overrides: list[str] = (), seed: int | None = None) -> Recipe:
     """Load a recipe by built-in name or YAML path, apply `--set` overrides and --seed, validate."""
     ref = ref or DEFAULT_RECIPE
@@ -179,11 +190,15 @@ def load_recipe(ref: str | None = None, overrides: list[str] = (), seed: int | N
             )
         path = builtin_dir() / f"{ref}.yaml"
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as handle:
+            content = handle.read(MAX_RECIPE_BYTES + 1)
+        if len(content) > MAX_RECIPE_BYTES:
+            raise KdcliError(f"recipe {ref}: larger than {MAX_RECIPE_BYTES // 1024} KiB, which no recipe is; check the path")
+        raw = load_yaml(content.decode("utf-8"), f"recipe {ref}")
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}" if where else ""
-        raise KdcliError(f"recipe {ref}: not valid YAML{at}: {getattr(err, 'problem', err)}") from err
+        raise KdcliError(f"recipe {ref}: not valid YAML{at}: {getattr(err, 'problem', None) or err}") from err
     except (OSError, UnicodeDecodeError) as err:
         raise KdcliError(f"recipe {ref}: cannot read it ({err})") from err
     if not isinstance(raw, dict):
@@ -195,7 +210,53 @@ def load_recipe(ref: str | None = None, overrides: list[str] = (), seed: int | N
     return validate_recipe(raw, ref)
 
 
+def load_yaml(text: str, what: str) -> Any:
+    """yaml.safe_load, refusing a document whose aliases expand past MAX_YAML_NODES nodes (or into themselves)
+    before anything is built from it: a few lines of anchors can otherwise stand for billions of values."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise KdcliError(f"{what}: holds more than {MAX_YAML_NODES} values once its aliases (*name) are expanded, "
+                             "or an alias refers to itself; a recipe needs a few dozen, written out")
+        return loader.construct_document(node)
+    except RecursionError as err:
+        raise KdcliError(f"{what}: nested too deeply to be a recipe") from err
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, float]) -> float:
+    """How many nodes `node` stands for once every alias is expanded (shared nodes counted each time)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    sizes[id(node)] = float("inf")  # while it is being counted: an alias back to it is a cycle
+    children = node.value if isinstance(node, yaml.SequenceNode) else (
+        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+    total = 1.0
+    for child in children:
+        total += _expanded_size(child, sizes)
+        if total > MAX_YAML_NODES:
+            break
+    sizes[id(node)] = total
+    return total
+
+
+def _non_finite(raw: Any, path: tuple = ()) -> tuple[tuple, float] | None:
+    """(location, value) of the first NaN or infinity anywhere in a raw recipe (.nan, .inf in YAML)."""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return path, raw
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+    return next((found for key, value in items if (found := _non_finite(value, (*path, key)))), None)
+
+
 def validate_recipe(raw: dict, source: str) -> Recipe:
+    found = _non_finite(raw)
+    if found:
+        raise RecipeError(source, [f"{_dotted(list(found[0]))}: must be a finite number (got {found[1]})"])
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
@@ -290,10 +351,10 @@ def _describe(error: dict) -> str:
     if kind == "missing":
         return f"{where}: required key missing"
     if kind == "literal_error":
-        return f"{where}: got {error['input']!r}; allowed: {ctx.get('expected')}"
+        return f"{where}: got {brief(error['input'])}; allowed: {ctx.get('expected')}"
     message = error["msg"].removeprefix("Value error, ")
-    if kind.startswith(("greater", "less", "too_short", "int_", "float_", "bool_", "string_", "list_")):
-        return f"{where}: {message[:1].lower()}{message[1:]} (got {error['input']!r})"
+    if kind.startswith(("greater", "less", "too_", "int_", "float_", "bool_", "string_", "list_", "finite")):
+        return f"{where}: {message[:1].lower()}{message[1:]} (got {brief(error['input'])})"
     return f"{where}: {message[:1].lower()}{message[1:]}"
 
 
@@ -304,9 +365,9 @@ def apply_override(raw: dict, assignment: str) -> None:
     """Apply one `--set dotted.path=value` to the raw recipe; the value is read as YAML (3, 0.1, tcp, [1, 2])."""
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
-        raise KdcliError(f"--set {assignment!r}: expected key=value, e.g. --set stages.0.epochs=3")
+        raise KdcliError(f"--set {brief(assignment)}: expected key=value, e.g. --set stages.0.epochs=3")
     try:
-        value = yaml.safe_load(text) if text.strip() else text
+        value = load_yaml(text, f"--set {key}") if text.strip() else text
     except yaml.YAMLError:
         value = text
     parts = key.strip().split(".")
