@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import safetensors.torch
 import torch
 import yaml
 
-from conftest import DATA, Result
+from conftest import DATA, Watched
 
 
 def assert_one_clear_line(result, *fragments: str) -> None:
@@ -133,9 +132,10 @@ def unsafe_pickle(c):
 
 
 def incomplete_cifar(c):
-    folder = c.folder("cifar-10-batches-py")
+    folder = c.folder("data") / "cifar-10-batches-py"
+    folder.mkdir()
     (folder / "data_batch_1").write_bytes(b"")
-    return c.distill(data=str(c.tmp))
+    return c.distill(data=str(c.tmp / "data"))
 
 
 # id: (argument list, fragments the one line must contain). docs/errors.md lists the same ids.
@@ -240,9 +240,8 @@ def test_disk_full_while_writing_leaves_nothing(call, tmp_path):
         "import resource, sys; from kdcli.cli import main; "
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); sys.exit(main(sys.argv[1:]))"
     )
-    args = [str(a) for a in call.distill()]
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
-    assert_one_clear_line(Result(result.returncode, result.stdout, result.stderr), "cannot write", "free space")
+    result = Watched([sys.executable, "-c", code, *call.distill()]).finish()
+    assert_one_clear_line(result, "cannot write", "free space")
     assert not call.out.exists()
 
 

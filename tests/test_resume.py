@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import safetensors
@@ -15,6 +12,7 @@ import safetensors.torch
 import torch
 import yaml
 
+from conftest import Watched, run_kdcli
 from kdcli.training.trainstate import CHECKPOINT_NAME, STATE_KEY
 
 DATA = "synthetic:train=1024,val=128"
@@ -43,10 +41,15 @@ def command(teacher, recipe, out, *extra):
             "--recipe", str(recipe), "--out", str(out), *extra]
 
 
+def partial(out):
+    """Where a run on out keeps its files until it finishes (jobs/outputs.py): its checkpoint is there."""
+    return out.parent / f".{out.name}.kdcli" / "partial"
+
+
 def position(out):
-    """(stage, epoch, step) of the checkpoint in out, or None."""
+    """(stage, epoch, step) of the checkpoint of the run on out, or None."""
     try:
-        with safetensors.safe_open(str(out / CHECKPOINT_NAME), "pt") as handle:
+        with safetensors.safe_open(str(partial(out) / CHECKPOINT_NAME), "pt") as handle:
             found = json.loads(handle.metadata()[STATE_KEY])["position"]
         return found["stage"], found["epoch"], found["step"]
     except (OSError, KeyError, safetensors.SafetensorError):
@@ -54,23 +57,19 @@ def position(out):
 
 
 def run_until(args, out, target, sig=signal.SIGKILL):
-    """Start kdcli, send sig as soon as its checkpoint has reached target (stage, epoch); return the process."""
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        found = position(out)
-        if found and found[:2] >= target:
-            process.send_signal(sig)
-            break
-        time.sleep(0.01)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0, "the run finished before it could be interrupted"
-    return process.returncode, stderr
+    """Start kdcli, send sig as soon as its checkpoint has reached target (stage, epoch); return (code, stderr)."""
+    run = Watched(args)
+    reached = run.wait_until(lambda: (position(out) or (-1,))[:2] >= target)
+    assert reached, f"the run ended before it could be interrupted:\n{run.err}"
+    run.process.send_signal(sig)
+    done = run.finish()
+    assert done.code != 0, "the run finished before it could be interrupted"
+    return done.code, done.err
 
 
 def finish(args):
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = run_kdcli(*args[3:])  # args: python -m kdcli ...
+    assert done.code == 0, done.err
     return done
 
 
@@ -95,6 +94,7 @@ def uninterrupted(teacher_dir, recipe_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
     finish(command(teacher_dir, recipe_file, out))
     assert not (out / CHECKPOINT_NAME).exists()  # a finished run keeps outputs, not training state
+    assert not partial(out).parent.exists()  # and nothing beside them
     return outcome(out)
 
 
@@ -111,7 +111,7 @@ def assert_same(out, expected):
 def test_sigkill_then_resume_matches_uninterrupted(teacher_dir, recipe_file, tmp_path, uninterrupted, targets):
     out = tmp_path / "run"
     for target in targets:
-        extra = ["--resume"] if (out / CHECKPOINT_NAME).exists() else []
+        extra = ["--resume"] if position(out) else []
         run_until(command(teacher_dir, recipe_file, out, *extra), out, target)
         assert position(out) is not None and not (out / "student").exists()
     finish(command(teacher_dir, recipe_file, out, "--resume"))
@@ -152,7 +152,8 @@ def test_out_with_checkpoint_is_refused_without_resume(teacher_dir, recipe_file,
     out = tmp_path / "run"
     run_until(command(teacher_dir, recipe_file, out), out, (0, 1))
     refused = cli("distill", teacher_dir, "test_efficientnet", "--data", DATA, "--out", out, "--recipe", recipe_file)
-    assert refused.code == 2 and "pass --resume to continue its run, --force to overwrite it" in refused.err
+    assert refused.code == 2 and "has an interrupted run" in refused.err
+    assert "pass --resume to continue it, or --force to start afresh" in refused.err
 
 
 def test_nothing_to_resume(cli, tmp_path, teacher_dir):
