@@ -43,6 +43,13 @@ class SignalReceived(BaseException):
         self.signum = signum
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """An allocation failed (torch on CPU raises a RuntimeError, on CUDA an OutOfMemoryError)."""
+    text = str(err)
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
+        isinstance(err, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text))
+
+
 def close_matches(word: str, choices: Iterable[str], n: int = 3) -> str:
     """' (did you mean a, b?)' or '' — for messages about unknown names."""
     found = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kdcli.data import DataSource
-from kdcli.errors import KdcliError
+from kdcli.errors import KdcliError, is_out_of_memory
 from kdcli.evaluation.assess import Subject
 from kdcli.models.checkpoint import LoadedModel, load_checkpoint
 from kdcli.models.preprocessing import own_config
@@ -40,9 +40,9 @@ def probe(loaded: LoadedModel, size: int, role: str, device: torch.device) -> No
             loaded.model.eval()(torch.zeros(2, 3, size, size, device=device))
     except (RuntimeError, ValueError, AssertionError, MemoryError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in reason:
+        if is_out_of_memory(err):
             raise KdcliError(f"the {role} {loaded.arch} at {size}x{size} needs more memory than this machine has "
-                             f"({reason[:120]}); set a smaller data.image_size") from err
+                             f"({reason}); set a smaller data.image_size") from err
         raise KdcliError(
             f"the {role} {loaded.arch} cannot take {size}x{size} images ({reason}); set a larger data.image_size"
         ) from err

@@ -180,9 +180,8 @@ class Outputs:
                 os.close(fd)
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     return  # a file system without locks: go on unlocked
-                who = f"pid {holder}" if holder.isdigit() else "a process that is starting"
-                raise KdcliError(f"--out {self.given} is in use by another kdcli run ({who}); wait for it to "
-                                 "finish, or choose another --out") from None
+                raise KdcliError(f"--out {self.given} is in use by another kdcli run ({_holder(holder)}); wait for "
+                                 "it to finish, or choose another --out") from None
             try:  # the holder before us may have removed the file between our open and lock: lock the one there
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:
                     break
@@ -260,6 +259,18 @@ class Outputs:
                 os.rmdir(folder)  # only when empty: a resumable state, or the outputs' parents, stay
             except OSError:
                 break
+
+
+def _holder(pid: str) -> str:
+    if not pid.isdigit():
+        return "a process that is starting"
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:  # its data-loader workers, which share the lock, have not noticed yet
+        return f"pid {pid}, which has ended; its worker processes are still exiting, retry in a few seconds"
+    except OSError:
+        pass
+    return f"pid {pid}"
 
 
 def _resumable(partial: Path) -> bool:

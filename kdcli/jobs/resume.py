@@ -69,7 +69,7 @@ def data_change(saved: dict, now: dict) -> str | None:
                 continue
             where = f"{split}/{name}"
             if then[0] != current[0]:
-                return f"{where} had {then[0]} images, has {current[0]} now"
+                return f"{where} held {then[0]} images then, {current[0]} now"
             if then[1] != current[1]:
                 return f"{where} has other file names (a file renamed, or one added and one removed)"
             return f"an image in {where} was replaced or edited (its size or modification time changed)"

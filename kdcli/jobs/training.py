@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from kdcli.data import DataConfig, DataSource, EvalView, Renormalize, TrainView, eval_loader, open_data
-from kdcli.errors import Interrupted, KdcliError
+from kdcli.errors import Interrupted, KdcliError, SignalReceived
 from kdcli.evaluation.assess import Subject, assess, run_info
 from kdcli.evaluation.gate import check_gate_options, enforce, gate_result
 from kdcli.evaluation.report import stage_entry, stamp, write_report
@@ -159,14 +159,17 @@ def train(run: Run, listener: Listener) -> list[StageOutcome]:
     with StopSignals() as signals:
         run.checkpoint.stop_requested = signals.requested
         try:
-            return run_stages(run.recipe, run.all_losses, run.models, run.data, run.device, listener, run.checkpoint,
-                              teacher_input=run.teacher_input)
+            outcomes = run_stages(run.recipe, run.all_losses, run.models, run.data, run.device, listener,
+                                  run.checkpoint, teacher_input=run.teacher_input)
         except StopRequested as stop:
             where = run.recipe.stages[stop.position.stage].name
             raise Interrupted(
                 f"stopped in stage '{where}' at epoch {stop.position.epoch + 1}, step {stop.position.step + 1}; "
                 f"training state saved in {run.checkpoint.path}"
             ) from None
+    if signals.received is not None:  # arrived after the last step: the state is saved, the outputs are not
+        raise SignalReceived(signals.received)
+    return outcomes
 
 
 def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
