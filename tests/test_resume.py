@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 import safetensors
@@ -171,3 +173,101 @@ def test_non_finite_loss_stops_with_exit_2_and_keeps_the_last_checkpoint(cli, te
     assert "loss term '" in line and "last good checkpoint is kept" in line
     assert position(out)[0] <= 1  # the state at the end of the first stage is still there
     assert not (out / "student").exists() and not (out / "report.json").exists()
+
+
+# ---------------------------------------------------------------- what --resume checks
+
+def _interrupted_train(data, out, epochs="3"):
+    """A `kdcli train` run on data stopped by SIGINT once its first epoch is saved; returns its arguments."""
+    args = [sys.executable, "-m", "kdcli", "train", "test_resnet", "--data", str(data), "--out", str(out),
+            "--epochs", epochs]
+    code, _ = run_until(args, out, (0, 1), sig=signal.SIGINT)
+    assert code == 130
+    return [str(a) for a in args[3:]]
+
+
+def test_resume_names_what_changed_in_the_data(tmp_path, cli):
+    from test_errors import image_folder
+
+    root = image_folder(tmp_path / "data", classes=4)
+    out = tmp_path / "run"
+    args = _interrupted_train(root, out)
+
+    def refused(*fragments):
+        result = cli(*args, "--resume")
+        assert result.code == 2, result.err
+        for fragment in fragments:
+            assert fragment in result.err, (fragment, result.err)
+
+    for split in ("train", "val"):  # a renamed class folder: the labels of every class after it would shift
+        (root / split / "c1").rename(root / split / "c9")
+    refused("the data differs", "class 'c1' is now 'c9'", "renamed class folder")
+    for split in ("train", "val"):
+        (root / split / "c9").rename(root / split / "c1")
+
+    image = root / "train" / "c2" / "0.png"
+    original, stat = image.read_bytes(), image.stat()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(image)  # other pixels, the same name
+    refused("an image in train/c2 was replaced or edited")
+    image.write_bytes(original)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    (root / "val" / "c3" / "1.png").write_bytes(original)
+    refused("val/c3 held 1 images then, 2 now")
+    (root / "val" / "c3" / "1.png").unlink()
+
+    assert cli(*args, "--resume").code == 0  # the data as it was: resumes
+
+
+@pytest.mark.parametrize("damage", ["runner-field", "student-tensor", "optimizer-tensor", "misshapen", "position"])
+def test_a_damaged_checkpoint_is_named_not_a_crash(tmp_path, cli, damage):
+    out = tmp_path / "run"
+    args = _interrupted_train("synthetic:train=512,val=32", out)
+    path = partial(out) / CHECKPOINT_NAME
+    with safetensors.safe_open(str(path), "pt") as handle:
+        state = json.loads(handle.metadata()[STATE_KEY])
+    tensors = safetensors.torch.load_file(str(path))
+    if damage == "runner-field":
+        del state["runner"]
+    elif damage == "student-tensor":
+        del tensors["student.fc.weight"]
+    elif damage == "optimizer-tensor":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("runner.optimizer.state")}
+    elif damage == "misshapen":
+        tensors["student.fc.weight"] = torch.zeros(3, 3)
+    else:
+        state["position"] = {"stage": 7, "epoch": 0, "step": 0}
+    safetensors.torch.save_file(tensors, str(path), metadata={STATE_KEY: json.dumps(state)})
+    result = cli(*args, "--resume")
+    assert result.code == 2 and "Traceback" not in result.err, result.err
+    line = result.err.strip().splitlines()[-1]
+    assert line.startswith(f"error: checkpoint {path} is damaged (") and "start afresh with --force" in line, line
+    assert path.is_file()  # still there: the user decides
+
+
+def test_in_place_fine_tune_killed_after_its_new_weights_resumes(tmp_path, teacher_dir):
+    """`kdcli train FOLDER --out FOLDER --force` killed while the new weights are evaluated resumes, and ends as
+    the same fine-tune run without interruption."""
+    import shutil
+
+    folders = [tmp_path / "killed", tmp_path / "whole"]
+    for folder in folders:
+        shutil.copytree(teacher_dir, folder)
+
+    def fine_tune(folder, *extra):
+        return ["train", str(folder), "--data", "synthetic:train=256,val=64", "--epochs", "1", "--out", str(folder),
+                *extra]
+
+    assert run_kdcli(*fine_tune(folders[1], "--force")).code == 0
+    marker = tmp_path / "evaluating"
+    spy = [sys.executable, str(Path(__file__).parent / "spy.py"), "kdcli.evaluation.assess:measure_speed", str(marker)]
+    run = Watched([*spy, *fine_tune(folders[0], "--force")])
+    assert run.wait_until(marker.exists), run.err
+    run.process.kill()
+    run.finish()
+    assert (folders[0] / "model.safetensors").read_bytes() == (teacher_dir / "model.safetensors").read_bytes()
+    assert run_kdcli(*fine_tune(folders[0], "--resume")).code == 0
+    weights = [safetensors.torch.load_file(str(f / "model.safetensors")) for f in folders]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
