@@ -144,7 +144,8 @@ def train(
     if epochs is not None:
         if epochs < 1:
             raise KdcliError(f"--epochs {epochs}: must be 1 or more")
-        plan = plan.model_copy(update={"stages": [s.model_copy(update={"epochs": epochs}) for s in plan.stages]})
+        plan = load_recipe(recipe, [*(set_ or []), *(f"stages.{i}.epochs={epochs}" for i in range(len(plan.stages)))],
+                           seed)
     with _progress() as listener:
         report, failed = _finish(lambda: train_student(
             plan, arch, data, out, student_arch=arch_flag, device_name=device, force=force, resume=resume,
@@ -165,9 +166,9 @@ def eval_(
     force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
     min_top1: float = MIN_TOP1,
     max_drop: float = MAX_DROP,
-    threads: int = typer.Option(None, "--threads", help="CPU threads for evaluation and timing [default: torch's]"),
-    batch_size: int = typer.Option(256, "--batch-size", min=1),
-    workers: int = typer.Option(0, "--workers", min=0),
+    threads: int = typer.Option(None, "--threads", max=1024, help="CPU threads for evaluation and timing [default: torch's]"),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, max=65536),
+    workers: int = typer.Option(0, "--workers", min=0, max=64),
     device: str = DEVICE,
     json_: bool = JSON,
 ) -> None:

@@ -18,10 +18,11 @@ from kdcli.errors import Interrupted, KdcliError, QualityGateFailed, SignalRecei
 err_console = Console(stderr=True)
 
 
-def report_error(message: str) -> None:
-    """One `error:` line: control characters escaped (a newline in a file name cannot split it), cut to a few
-    hundred characters (an error never echoes a whole input)."""
-    err_console.print(clip(f"error: {printable(message)}"), markup=False, highlight=False, soft_wrap=True)
+def report_error(message: str, then: str = "") -> None:
+    """One `error:` line: control characters escaped (a newline in a file name cannot split it), cut to 400
+    characters (an error never echoes a whole input); `then` (the command that resumes) is kept whole after it."""
+    err_console.print(clip(f"error: {printable(message)}") + printable(then), markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def _one_line(err: KdcliError) -> str:
@@ -44,8 +45,9 @@ def _usage_error(err: typer.TyperException) -> str:
 
 
 def _resume_hint(args: list[str]) -> str:
+    """'; resume with: kdcli ... --resume' (without --force), unless the command is too long to repeat."""
     again = shlex.join(["kdcli", *[a for a in args if a != "--force"], *([] if "--resume" in args else ["--resume"])])
-    return f"resume with: {again}" if len(again) < 240 else "resume: rerun the same command with --resume (without --force)"
+    return f"; resume with: {again}" if len(again) <= 600 else "; resume: rerun the same command with --resume"
 
 
 class _Signals:
@@ -92,7 +94,7 @@ def run(app: typer.Typer, argv: list[str] | None = None) -> int:
             report_error(str(err))
             return err.exit_code
         except Interrupted as err:
-            report_error(f"{err}; {_resume_hint(args)}" if err.resumable else str(err))
+            report_error(str(err), _resume_hint(args) if err.resumable else "")
             return err.exit_code
         except typer.Exit as err:
             return err.exit_code

@@ -107,3 +107,9 @@ def run_kdcli(*args, env: dict | None = None, preexec_fn=None, stall: float = ST
     import sys
 
     return Watched([sys.executable, "-m", "kdcli", *args], env=env, preexec_fn=preexec_fn).finish(stall)
+
+
+def partial_of(out: Path) -> Path:
+    """Where a command on --out keeps its files until it succeeds, and an interrupted training run its checkpoint
+    (kdcli/jobs/outputs.py)."""
+    return out.parent / f".{out.name}.kdcli" / "partial"

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import Watched, run_kdcli
+from conftest import partial_of as partial
 from test_errors import assert_one_clear_line, image_folder
 
 SPY = Path(__file__).parent / "spy.py"
@@ -24,10 +25,6 @@ TRAIN = ["train", "test_resnet", "--data", DATA, "--epochs", "1"]
 
 def files(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def partial(out: Path) -> Path:
-    return out.parent / f".{out.name}.kdcli" / "partial"
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from conftest import Watched, run_kdcli
+from conftest import partial_of as partial
 from kdcli.training.trainstate import CHECKPOINT_NAME, STATE_KEY
 
 DATA = "synthetic:train=1024,val=128"
@@ -41,11 +42,6 @@ def recipe_file(tmp_path_factory):
 def command(teacher, recipe, out, *extra):
     return [sys.executable, "-m", "kdcli", "distill", str(teacher), "test_efficientnet", "--data", DATA,
             "--recipe", str(recipe), "--out", str(out), *extra]
-
-
-def partial(out):
-    """Where a run on out keeps its files until it finishes (jobs/outputs.py): its checkpoint is there."""
-    return out.parent / f".{out.name}.kdcli" / "partial"
 
 
 def position(out):
@@ -147,7 +143,7 @@ def test_resume_refuses_other_inputs(teacher_dir, recipe_file, tmp_path, cli):
     other_data = cli(*[a if a != DATA else "synthetic:train=512,val=128" for a in base], "--recipe", recipe_file)
     assert other_data.code == 2 and "the data differs" in other_data.err
 
-    assert cli(*base, "--recipe", out / "recipe.yaml").code == 0  # the recipe as it ran resumes it
+    assert cli(*base, "--recipe", partial(out) / "recipe.yaml").code == 0  # the recipe as it ran resumes it
 
 
 def test_out_with_checkpoint_is_refused_without_resume(teacher_dir, recipe_file, tmp_path, cli):
@@ -166,7 +162,7 @@ def test_nothing_to_resume(cli, tmp_path, teacher_dir):
 def test_non_finite_loss_stops_with_exit_2_and_keeps_the_last_checkpoint(cli, teacher_dir, recipe_file, tmp_path):
     out = tmp_path / "run"
     result = cli("distill", teacher_dir, "test_efficientnet", "--data", DATA, "--recipe", recipe_file, "--out", out,
-                 "--set", "stages.0.epochs=1", "--set", "stages.1.optimizer.lr=1e30")
+                 "--set", "stages.0.epochs=1", "--set", "stages.1.losses.0.temperature=1e-30")
     assert result.code == 2 and "Traceback" not in result.err
     line = result.err.strip().splitlines()[-1]
     assert line.startswith("error: stage 'tcp' epoch 1 step ") and "is not finite" in line, line
@@ -221,10 +217,21 @@ def test_resume_names_what_changed_in_the_data(tmp_path, cli):
     assert cli(*args, "--resume").code == 0  # the data as it was: resumes
 
 
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """(out, arguments) of a train run interrupted after its first epoch; copy it before changing it."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    return out, _interrupted_train("synthetic:train=512,val=32", out)
+
+
 @pytest.mark.parametrize("damage", ["runner-field", "student-tensor", "optimizer-tensor", "misshapen", "position"])
-def test_a_damaged_checkpoint_is_named_not_a_crash(tmp_path, cli, damage):
+def test_a_damaged_checkpoint_is_named_not_a_crash(tmp_path, cli, interrupted, damage):
+    import shutil
+
+    original, args = interrupted
     out = tmp_path / "run"
-    args = _interrupted_train("synthetic:train=512,val=32", out)
+    shutil.copytree(partial(original).parent, partial(out).parent)
+    args = [str(out) if a == str(original) else a for a in args]
     path = partial(out) / CHECKPOINT_NAME
     with safetensors.safe_open(str(path), "pt") as handle:
         state = json.loads(handle.metadata()[STATE_KEY])

@@ -98,7 +98,7 @@ def restoring(path: Path):
     try:
         yield
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise KdcliError(f"checkpoint {path} is damaged ({reason}); start afresh with --force instead of --resume") from err
 
 
