@@ -10,7 +10,7 @@ import yaml
 from rich.console import Console
 
 from kdcli import __version__
-from kdcli.errors import KdcliError, QualityGateFailed
+from kdcli.errors import KdcliError, QualityGateFailed, printable
 from kdcli.exits import err_console, report_error, run
 
 app = typer.Typer(
@@ -254,7 +254,7 @@ def recipe_validate(
             for problem in err.problems:
                 report_error(problem)
             continue
-        out_console.print(f"ok: {ref} ('{plan.name}', {len(plan.stages)} stages, hash {plan.digest()})",
+        out_console.print(f"ok: {printable(ref)} ('{plan.name}', {len(plan.stages)} stages, hash {plan.digest()})",
                           markup=False, soft_wrap=True)
     if failed:
         raise typer.Exit(2)

@@ -162,7 +162,7 @@ def test_nothing_to_resume(cli, tmp_path, teacher_dir):
 def test_non_finite_loss_stops_with_exit_2_and_keeps_the_last_checkpoint(cli, teacher_dir, recipe_file, tmp_path):
     out = tmp_path / "run"
     result = cli("distill", teacher_dir, "test_efficientnet", "--data", DATA, "--recipe", recipe_file, "--out", out,
-                 "--set", "stages.0.epochs=1", "--set", "stages.1.losses.0.temperature=1e-30")
+                 "--set", "stages.0.epochs=1", "--set", "stages.1.optimizer.lr=1e30")
     assert result.code == 2 and "Traceback" not in result.err
     line = result.err.strip().splitlines()[-1]
     assert line.startswith("error: stage 'tcp' epoch 1 step ") and "is not finite" in line, line

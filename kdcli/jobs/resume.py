@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from kdcli.errors import KdcliError, brief
+from kdcli.jobs.outputs import RECIPE_NAME, public
 from kdcli.models.checkpoint import LoadedModel
 from kdcli.training.engine import EpochRecord, EpochSums, Position
 from kdcli.training.trainstate import CHECKPOINT_NAME, file_digest, first_difference, read_checkpoint
@@ -21,8 +22,10 @@ def identity(loaded: LoadedModel | None, ref: str | None) -> str | None:
     return f"sha256:{file_digest(loaded.weights_path)[:16]}" if loaded.weights_path else f"arch:{ref}"
 
 
-def check_same_run(out: Path, saved: dict, now: dict) -> None:
-    """Refuse to resume with other inputs than the interrupted run's, saying what differs."""
+def check_same_run(folder: Path, saved: dict, now: dict) -> None:
+    """Refuse to resume with other inputs than the interrupted run's, saying what differs. folder: where the
+    interrupted run's state is."""
+    out = public(folder)
     labels = {"kind": "the command differs", "teacher": "the teacher's weights differ",
               "student": "the starting student differs"}
     for key, label in labels.items():
@@ -41,7 +44,7 @@ def check_same_run(out: Path, saved: dict, now: dict) -> None:
     difference = first_difference(saved["recipe"], now["recipe"])
     if difference:
         raise KdcliError(
-            f"cannot resume {out}: the recipe differs at {difference}; rerun with --recipe {out / 'recipe.yaml'} "
+            f"cannot resume {out}: the recipe differs at {difference}; rerun with --recipe {folder / RECIPE_NAME} "
             "(the recipe it ran), or start afresh with --force"
         )
 
@@ -54,11 +57,11 @@ def data_change(saved: dict, now: dict) -> str | None:
         return f"synthetic {saved.get('synthetic')} then, {now.get('synthetic')} now"
     before, after = saved.get("classes") or [], now.get("classes") or []
     if before != after:
-        if len(before) == len(after):
-            old, new = next((a, b) for a, b in zip(before, after) if a != b)
-            return f"class '{old}' is now '{new}': a renamed class folder shifts the labels"
         gone, added = sorted(set(before) - set(after)), sorted(set(after) - set(before))
-        return f"{len(before)} classes then, {len(after)} now (removed: {', '.join(gone[:3]) or '-'}; added: {', '.join(added[:3]) or '-'})"
+        if len(gone) == len(added) == 1:
+            return f"class '{gone[0]}' is now '{added[0]}': a renamed class folder shifts the labels"
+        return (f"{len(before)} classes then, {len(after)} now (gone: {', '.join(gone[:3]) or '-'}; "
+                f"new: {', '.join(added[:3]) or '-'}): the labels would shift")
     if "files" in saved:  # CIFAR: a digest per batch file
         changed = sorted(k for k in {**saved["files"], **now.get("files", {})} if saved["files"].get(k) != now.get("files", {}).get(k))
         return f"CIFAR file {changed[0]} has other contents" if changed else None

@@ -33,6 +33,8 @@ class Augment(_Strict):
     )
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # optimizer and loss settings become float32 tensors: larger cannot be used
+
 # Pixels are scaled to [0, 1] before normalising (timm's convention): a mean far outside it or a tiny std turns
 # every input into huge numbers and the first loss into infinity.
 _Mean = Annotated[float, Field(ge=-10, le=10)]
@@ -55,10 +57,10 @@ class DataSettings(_Strict):
 
 class OptimizerSettings(_Strict):
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0, le=10)
+    lr: float = Field(0.05, gt=0, le=FLOAT32_MAX, description="must fit in float32; too high a value shows as a loss that is not finite")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     nesterov: bool = Field(True, description="sgd only")
-    weight_decay: float = Field(5e-4, ge=0, le=1)
+    weight_decay: float = Field(5e-4, ge=0, le=FLOAT32_MAX)
 
 
 class ScheduleSettings(_Strict):
@@ -75,8 +77,8 @@ class AnchorSettings(_Strict):
     tcp: Literal["true-class", "max"] = Field(
         "true-class", description="which teacher probability tcp uses: of the true class, or the largest"
     )
-    lambda_: float = Field(1.0, ge=0, le=1e4, alias="lambda", description="weight of the anchor term")
-    temperature: float = Field(4.0, ge=0.01, le=1000, description="temperature T_a of the anchor KL")
+    lambda_: float = Field(1.0, ge=0, le=FLOAT32_MAX, alias="lambda", description="weight of the anchor term")
+    temperature: float = Field(4.0, gt=0, le=FLOAT32_MAX, description="temperature T_a of the anchor KL")
 
 
 def _loss_union() -> Any:
@@ -318,6 +320,11 @@ def _describe(error: dict) -> str:
     if kind == "literal_error":
         return f"{where}: got {brief(error['input'])}; allowed: {ctx.get('expected')}"
     message = error["msg"].removeprefix("Value error, ")
+    bounds = {"greater_than": "greater than", "greater_than_equal": "greater than or equal to", "less_than": "less than",
+              "less_than_equal": "less than or equal to"}
+    if kind in bounds:  # pydantic writes a float bound such as float32's largest in full: 39 digits
+        limit = next(iter(ctx.values()))
+        message = f"input should be {bounds[kind]} {limit if isinstance(limit, int) else f'{limit:g}'}"
     if kind.startswith(("greater", "less", "too_", "int_", "float_", "bool_", "string_", "list_", "finite")):
         return f"{where}: {message[:1].lower()}{message[1:]} (got {brief(error['input'])})"
     return f"{where}: {message[:1].lower()}{message[1:]}"
