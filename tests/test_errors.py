@@ -290,7 +290,8 @@ CASES = {
         lambda c: c.distill(None, "test_efficientnet", "--set", "data.workers=1", data=str(undecodable(c))),
         ["cannot read image", "0.png", "remove or replace"]),
     "incomplete-cifar": (lambda c: incomplete_cifar(c), ["incomplete", "data_batch_2"]),
-    "bad-synthetic-spec": (lambda c: c.distill(data="synthetic:train=x"), ["synthetic:train=N,val=M"]),
+    "bad-synthetic-spec": (  # into --out in new nested folders: none of them is left behind
+        lambda c: c.distill(data="synthetic:train=x", out=c.tmp / "new" / "nested" / "out"), ["synthetic:train=N,val=M"]),
     "synthetic-too-large": (lambda c: c.distill(data="synthetic:train=10000000"), ["from 1 to 100000"]),
     "one-training-image": (
         lambda c: c.distill(data="synthetic:train=1,val=8"), ["has 1 image", "at least 2", "batch norm"]),

@@ -254,9 +254,11 @@ class Outputs:
             (self.home / "lock").unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
-        for folder in (self.home, *reversed(self._created)):
+        for folder in dict.fromkeys([self.home, *reversed(self._created)]):  # innermost first
             try:
                 os.rmdir(folder)  # only when empty: a resumable state, or the outputs' parents, stay
+            except FileNotFoundError:
+                continue
             except OSError:
                 break
 
