@@ -16,11 +16,12 @@ import torch
 
 from kdcli.data import DataConfig, DataSource, EvalView, Renormalize, TrainView, eval_loader, open_data
 from kdcli.errors import Interrupted, KdcliError
-from kdcli.evaluation.assess import Subject, assess, run_info
+from kdcli.evaluation.assess import Subject, assess, model_subject, run_info
 from kdcli.evaluation.gate import check_gate_options, enforce, gate_result
 from kdcli.evaluation.report import stage_entry, stamp, write_report
 from kdcli.fsio import write_text
 from kdcli.jobs.common import check_out, probe, resolve_device, subject
+from kdcli.jobs.export import check_request, exported_subjects, write_exports
 from kdcli.jobs.resume import check_same_run, identity, open_resume
 from kdcli.models.checkpoint import LoadedModel, fresh_model, is_checkpoint_ref, load_checkpoint, save_timm_folder
 from kdcli.models.preprocessing import own_config, student_data_config
@@ -60,14 +61,15 @@ class Run:
 
 
 def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *, listener: Listener,
-                  **options) -> dict:
+                  export: str | None = None, **options) -> dict:
     """distill (with teacher_ref) or train (without): the whole run; a run that fails before its first
-    checkpoint leaves no folder behind."""
+    checkpoint leaves no folder behind. export: formats to export the student to (distill --export)."""
     out = Path(out)
     fresh = not out.exists()
+    formats = check_request(export, has_data=True, flag="--export")
     try:
         run = prepare(recipe, student_ref, data_spec, out, **options)
-        return finish(run, train(run, listener))
+        return finish(run, train(run, listener), formats)
     except KdcliError:
         if fresh and out.is_dir() and not (out / CHECKPOINT_NAME).exists():
             shutil.rmtree(out, ignore_errors=True)
@@ -167,14 +169,18 @@ def train(run: Run, listener: Listener) -> list[StageOutcome]:
             ) from None
 
 
-def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
-    """Write the student, assess it, write the report, delete the training checkpoint, apply the gate."""
+def finish(run: Run, outcomes: list[StageOutcome], export_formats: list[str] = ()) -> dict:
+    """Write the student (and its exports), assess them, write the report, delete the training checkpoint, apply
+    the gate (to the student and every exported file)."""
     folder = run.student_folder
     save_timm_folder(folder, run.student, run.config, run.source.classes, {"recipe_hash": run.recipe.digest()})
-    teacher = Subject(run.teacher, run.teacher_config, run.teacher.weights_path) if run.teacher else None
+    exported = write_exports(run.student, run.config, run.source, run.source.classes, export_formats,
+                             run.out / "export", run.recipe.seed) if export_formats else []
+    teacher = model_subject(run.teacher, run.teacher_config, run.teacher.weights_path) if run.teacher else None
     settings = run.recipe.data
     evaluation = assess(run.source, run.device, settings.eval_batch_size, settings.workers,
-                        Subject(run.student, run.config, folder / "model.safetensors"), teacher, run.baseline)
+                        model_subject(run.student, run.config, folder / "model.safetensors"), teacher, run.baseline,
+                        exported_subjects(exported, run.source.native_size))
     evaluation["student"]["init"] = str(run.start.weights_path) if run.start else "random"
     report = stamp({
         "kind": run.kind,
