@@ -66,7 +66,7 @@ def test_distill_exports_every_format_and_checks_each_against_fp32(run):
     assert onnx_entry["agreement_fp32"] == 100.0 and onnx_entry["drop_vs_fp32"] == 0.0
     int8 = exports["int8"]
     assert int8["drop_vs_fp32"] <= INT8_MAX_DROP and int8["agreement_fp32"] >= INT8_MIN_AGREEMENT
-    assert int8["file_bytes"] < 0.5 * onnx_entry["file_bytes"]  # int8 weights: about a quarter
+    assert int8["file_bytes"] < 0.6 * onnx_entry["file_bytes"]  # int8 weights (+ scales: this model is tiny)
     assert int8["details"]["quantization"]["calibration_sample"] == {
         "split": "train", "images": 256, "seed": 0, "preprocessing": "evaluation transform"}
     assert int8["runtime"].startswith("onnxruntime") and int8["agreement_teacher"] is not None

@@ -131,7 +131,10 @@ def test_the_time_bound_ends_the_measurement():
     clock = FakeClock()
     bounded = Schedule(batch=1, warmup=0, runs_per_round=10, min_rounds=3, max_rounds=100, max_seconds=1.0)
     measured = measure_interleaved({"student": clock.model("s", lambda k: 0.05 * 1.01 ** k)}, bounded, clock)
-    assert measured["student"]["rounds"] == 3  # 3 rounds take 1.5 s of fake time: no fourth is started
+    assert measured["student"]["rounds"] == 2  # two rounds take just over 1 s of fake time: no third is started
+    slow = measure_interleaved({"student": clock.model("s", lambda k: 0.5)}, bounded, clock)["student"]
+    assert slow["rounds"] == 1 and not slow["stable"]  # out of time before the minimum: not settled
+    assert "did not settle within 1 round" in summarize(slow, bounded)["note"]
 
 
 def test_speeds_of_real_models_record_latency_throughput_and_runtime():

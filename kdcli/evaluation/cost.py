@@ -104,8 +104,8 @@ def measure_interleaved(passes: dict[str, Callable[[], None]], schedule: Schedul
         rounds += 1
         for name in passes:
             history[name].append(statistics.median(seconds[name]))
-        settled = all(_stable(h) for h in history.values())
-        if rounds >= schedule.min_rounds and (settled or clock() - started > bound):
+        settled = rounds >= schedule.min_rounds and all(_stable(h) for h in history.values())
+        if settled or clock() - started > bound:  # out of time before min_rounds: reported as not settled
             break
     return {name: {"seconds": seconds[name], "rounds": rounds, "stable": _stable(history[name])} for name in passes}
 
@@ -117,7 +117,7 @@ def summarize(measured: dict, schedule: Schedule) -> dict:
     p10, p90 = _quantile(ordered, 0.1), _quantile(ordered, 0.9)
     reasons = []
     if not measured["stable"]:
-        reasons.append(f"the median did not settle within {measured['rounds']} rounds")
+        reasons.append(f"the median did not settle within {measured['rounds']} round{'s' * (measured['rounds'] > 1)}")
     if median > 0 and p90 > MAX_SPREAD * median:
         reasons.append(f"p90 is {p90 / median:.1f}x the median")
     return {
