@@ -187,7 +187,7 @@ def export_(
     format_: str = typer.Option(..., "--format", "-f", help="onnx, int8, fp16, bf16; several comma-separated: onnx,int8"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder: model.onnx, model.int8.onnx, fp16/, bf16/, report"),
     data: str = typer.Option(None, "--data", "-d", help="the student's data: int8 calibrates on its training images; "
-                             "every file is checked on its validation split [without: a logit check on random inputs]"),
+                             "every file is checked on its validation split (without: a logit check on random inputs)"),
     arch: str = typer.Option(None, "--arch", help="architecture, if the weights do not say"),
     teacher: str = typer.Option(None, "--teacher", help="the teacher: agreement of each file with it, and --max-drop"),
     teacher_arch: str = typer.Option(None, "--teacher-arch", help="teacher architecture, if its weights do not say"),
@@ -196,7 +196,7 @@ def export_(
     min_top1: float = typer.Option(None, "--min-top1", help="quality gate: exit 1 when any file's top-1 (%) is below this"),
     max_drop: float = typer.Option(None, "--max-drop", help="quality gate: exit 1 when teacher top-1 - a file's top-1 "
                                    "exceeds these points"),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for checking and timing [default: torch's]"),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for checking and timing (default: torch's)"),
     device: str = DEVICE,
     force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
     json_: bool = JSON,

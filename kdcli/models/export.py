@@ -8,9 +8,11 @@ optional extra `kdcli[export]`; they are imported only here and in the ONNX pred
 
 from __future__ import annotations
 
+import copy
 import importlib
 import io
 import json
+import shutil
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import redirect_stdout
@@ -138,9 +140,7 @@ def quantize_int8(fp32: Exported, path: Path, calibration: Iterable[torch.Tensor
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
         proto = onnx.load(str(quantized))
     finally:
-        for leftover in tmp_dir.iterdir():
-            leftover.unlink()
-        tmp_dir.rmdir()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     details = {**fp32.details, "quantization": {**INT8_SETTINGS, "calibration_sample": sample}}
     metadata = {entry.key: entry.value for entry in onnx.load(str(fp32.path)).metadata_props}
     _save_onnx(proto, path, {**metadata, "format": "int8", "details": json.dumps(details)})
@@ -151,17 +151,12 @@ def save_half(loaded: LoadedModel, config: DataConfig, labels: list[str] | None,
               params: int, macs: int) -> Exported:
     """A timm-layout folder (model.safetensors + config.json) with floating tensors in fp16 or bf16."""
     dtype = HALF_DTYPES[fmt]
-    half = LoadedModel(_cast_copy(loaded.model, dtype), loaded.arch, loaded.num_classes, model_args=loaded.model_args)
+    # .to(dtype) casts floating parameters and buffers only: batch-norm counters stay integers
+    half = LoadedModel(copy.deepcopy(loaded.model).cpu().to(dtype), loaded.arch, loaded.num_classes,
+                       model_args=loaded.model_args)
     save_timm_folder(folder, half, config, labels, {"dtype": str(dtype).removeprefix("torch.")})
     return Exported(folder / "model.safetensors", fmt, loaded.arch, loaded.num_classes, config, params, macs,
                     {"dtype": str(dtype).removeprefix("torch.")})
-
-
-def _cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of the model whose floating parameters and buffers are in dtype (integer buffers stay)."""
-    import copy
-
-    return copy.deepcopy(model).cpu().to(dtype)
 
 
 def stored_float_dtype(path: Path) -> torch.dtype | None:
@@ -179,7 +174,7 @@ def read_onnx(path: Path) -> Exported:
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # onnx raises DecodeError, OSError, ValueError ... for a file that is not ONNX
+    except Exception as err:  # protobuf's DecodeError, OSError, ValueError...: whatever it is, the file is unreadable
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise KdcliError(f"{path} is not a readable ONNX file ({reason}); re-export or re-copy it") from err
     meta = {entry.key: entry.value for entry in proto.metadata_props}
