@@ -103,7 +103,7 @@ def write_exports(loaded: LoadedModel, config: DataConfig, source: DataSource | 
             fp32.path.unlink()
     for fmt in HALF_DTYPES:
         if fmt in formats:
-            paths[fmt] = save_half(loaded, config, labels, out / fmt, fmt, params, macs).path.parent
+            paths[fmt] = save_half(loaded, config, labels, out / fmt, fmt)
     return [paths[fmt] for fmt in formats]
 
 

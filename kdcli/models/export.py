@@ -147,16 +147,14 @@ def quantize_int8(fp32: Exported, path: Path, calibration: Iterable[torch.Tensor
     return read_onnx(path)
 
 
-def save_half(loaded: LoadedModel, config: DataConfig, labels: list[str] | None, folder: Path, fmt: str,
-              params: int, macs: int) -> Exported:
+def save_half(loaded: LoadedModel, config: DataConfig, labels: list[str] | None, folder: Path, fmt: str) -> Path:
     """A timm-layout folder (model.safetensors + config.json) with floating tensors in fp16 or bf16."""
     dtype = HALF_DTYPES[fmt]
     # .to(dtype) casts floating parameters and buffers only: batch-norm counters stay integers
     half = LoadedModel(copy.deepcopy(loaded.model).cpu().to(dtype), loaded.arch, loaded.num_classes,
                        model_args=loaded.model_args)
     save_timm_folder(folder, half, config, labels, {"dtype": str(dtype).removeprefix("torch.")})
-    return Exported(folder / "model.safetensors", fmt, loaded.arch, loaded.num_classes, config, params, macs,
-                    {"dtype": str(dtype).removeprefix("torch.")})
+    return folder
 
 
 def stored_float_dtype(path: Path) -> torch.dtype | None:
