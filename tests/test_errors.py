@@ -505,6 +505,8 @@ CASES = {
         ["unknown export format 'int4'", "did you mean int8", "onnx, int8, fp16, bf16"]),
     "distill-export-unknown-format": (
         lambda c: c.distill(None, "test_efficientnet", "--export", "tflite"), ["--export tflite", "choose from"]),
+    "empty-export-format": (
+        lambda c: ["export", c.teacher, "--format", "", "--out", c.out], ["--format is empty", "choose from onnx"]),
     "int8-without-data": (
         lambda c: ["export", c.teacher, "--format", "int8", "--out", c.out], ["calibrates on training images", "--data"]),
     "export-gate-without-data": (

@@ -38,7 +38,7 @@ ONNX_TOLERANCE = 1e-3  # fp32 ONNX vs torch: max |Δlogit| <= this x max(1, max 
 
 def check_request(formats_text: str | None, has_data: bool, flag: str = "--format") -> list[str]:
     """The formats asked for, after checking what they need (found before any work is done)."""
-    if not formats_text:
+    if formats_text is None:
         return []
     formats = parse_formats(formats_text, flag)
     if {"onnx", "int8"} & set(formats):

@@ -41,6 +41,8 @@ INT8_SETTINGS = {"toolchain": "onnxruntime", "format": "QDQ", "activations": "ui
 
 def parse_formats(text: str, flag: str = "--format") -> list[str]:
     """'onnx,int8' -> ['onnx', 'int8'] in the order given, each once; an unknown name is a usage error."""
+    if not text.strip():
+        raise KdcliError(f"{flag} is empty; choose from {', '.join(FORMATS)} (several: onnx,int8)")
     formats = []
     for name in (part.strip().lower() for part in text.split(",")):
         if name not in FORMATS:
