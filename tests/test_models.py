@@ -5,6 +5,7 @@ new head, and preprocessing that is stated, flagged or refused -- each compared 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import safetensors.torch
@@ -13,7 +14,7 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from timm.models import save_for_hf
 
-from conftest import DATA, put_in_hub_cache
+from conftest import DATA, put_in_hub_cache, run_kdcli
 from kdcli.data import open_data
 from test_errors import assert_one_clear_line
 
@@ -237,3 +238,12 @@ def test_a_config_asking_for_pretrained_weights_does_not_download(cli, hf_folder
     result = cli("inspect", folder, "--json")
     assert result.code == 0, result.err
     assert result.json()["notes"] == ["ignored model_args.pretrained in config.json (kdcli loads the weights beside it)"]
+
+
+def test_an_unreachable_hub_is_one_line_without_its_retry_warnings(tmp_path):
+    """huggingface_hub logs a warning per retry; the command still ends in one line. The 'Hub' is a closed port on
+    this machine: nothing leaves it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    result = run_kdcli("inspect", "hf-hub:someone/model", env=env)
+    assert_one_clear_line(result, "is not in the Hugging Face cache", "the Hub cannot be reached")
+    assert len(result.err.strip().splitlines()) == 1, result.err

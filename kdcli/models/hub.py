@@ -8,6 +8,7 @@ also serves them without a network (HF_HUB_OFFLINE=1). Nothing is fetched unless
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def _download(repo_id: str, filename: str, revision: str | None, role: str, miss
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings would break the one error line that ends a failure
     try:
         return hf_hub_download(repo_id, filename, revision=revision, library_name="kdcli",
                                library_version=__version__)
@@ -114,6 +118,8 @@ def _download(repo_id: str, filename: str, revision: str | None, role: str, miss
         raise _hub_error(err, repo_id, filename, role) from err
     except Exception as err:  # network, authorisation, bad ids: all mean "cannot get this model"
         raise _hub_error(err, repo_id, filename, role) from err
+    finally:
+        hub_log.setLevel(level)
 
 
 def _hub_error(err: Exception | None, repo_id: str, filename: str, role: str) -> KdcliError:
