@@ -418,36 +418,58 @@ def _one_line(err: KdcliError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the app and maps outcomes to exit codes (0 ok, 1 gate failed, 2 bad input, 130 interrupt)."""
+    """Entry point: runs the app and maps outcomes to exit codes (0 ok, 1 gate failed, 2 bad input, 130 interrupt).
+    Under torchrun every process ends with the same line and exit code (kdcli/distributed.py)."""
+    from kdcli import distributed
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("KDCLI_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
     try:
+        distributed.join(next((a for a in args if not a.startswith("-")), None))
+    except (KdcliError, ValueError, RuntimeError) as err:  # bad torchrun environment or rendezvous
+        _report_error(f"cannot join the other processes: {err}" if not isinstance(err, KdcliError) else str(err))
+        return 2
+    try:
+        with distributed.quiet():
+            line, code = _run(args, debug)
+        line, code = distributed.conclude(line, code)
+        if line is not None:
+            _report_error(line)
+        return code
+    finally:
+        distributed.leave()
+
+
+def _run(args: list[str], debug: bool) -> tuple[str | None, int]:
+    """(the error line to print or None, the exit code) of the command."""
+    from kdcli.distributed import PeerFailed
+
+    try:
         code = app(args=args, prog_name="kdcli", standalone_mode=False)
-        return code if isinstance(code, int) else 0
+        return None, code if isinstance(code, int) else 0
     except KdcliError as err:
         if debug:
             traceback.print_exc()
-        _report_error(_one_line(err))
-        return err.exit_code
+        return _one_line(err), err.exit_code
     except QualityGateFailed as err:
-        _report_error(str(err))
-        return err.exit_code
+        return str(err), err.exit_code
     except Interrupted as err:
         again = [a for a in args if a != "--force"] + ([] if "--resume" in args else ["--resume"])
-        _report_error(f"{err}; resume with: {shlex.join(['kdcli', *again])}")
-        return err.exit_code
+        return f"{err}; resume with: {shlex.join(['kdcli', *again])}", err.exit_code
+    except PeerFailed as err:  # another process failed: end as it did
+        return err.line, err.code
     except typer.Exit as err:
-        return err.exit_code
+        return None, err.exit_code
     except typer.TyperException as err:  # usage: unknown option, missing argument, bad value
         show = getattr(err, "show", None)
-        show() if show else _report_error(err.format_message())
-        return 2
+        if show:
+            show()
+            return None, 2
+        return err.format_message(), 2
     except (KeyboardInterrupt, typer.Abort):
-        _report_error("interrupted")
-        return 130
+        return "interrupted", 130
     except Exception as err:  # a bug in kdcli, not the user's input
         if debug:
             traceback.print_exc()
-        _report_error(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback, and report it)")
-        return 3
+        return f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback, and report it)", 3

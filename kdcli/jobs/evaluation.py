@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from kdcli import distributed
 from kdcli.data import open_data
 from kdcli.errors import KdcliError
 from kdcli.evaluation.assess import assess, run_info
@@ -46,7 +47,7 @@ def eval_checkpoint(
     try:
         started = time.perf_counter()
         device = resolve_device(device_name)
-        if out is not None:
+        if out is not None and distributed.is_writer():
             check_out(Path(out), force)
         source = open_data(data_spec)
         student = subject(ref, arch, "checkpoint", "--arch", source, flags)
@@ -64,7 +65,7 @@ def eval_checkpoint(
     finally:
         torch.set_num_threads(previous)
     report["gate"] = gate_result(report, min_top1, max_drop)
-    if out is not None:
+    if out is not None and distributed.is_writer():
         report = write_report(Path(out), report)
     else:
         report["plots"] = {"training": None, "reliability": None}

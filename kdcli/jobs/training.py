@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from kdcli import distributed
 from kdcli.data import DataConfig, DataSource, EvalView, TrainView, eval_loader, open_data
 from kdcli.errors import Interrupted, KdcliError
 from kdcli.evaluation.assess import Subject, assess, run_info
@@ -71,8 +72,8 @@ def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *
         if options.get("dry_run"):
             return run.plan
         return finish(run, train(run, listener))
-    except KdcliError:
-        if fresh and out.is_dir() and not (out / CHECKPOINT_NAME).exists():
+    except (KdcliError, distributed.PeerFailed):
+        if distributed.is_writer() and fresh and out.is_dir() and not (out / CHECKPOINT_NAME).exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
 
@@ -104,11 +105,12 @@ def prepare(
     choices = choices or ModelChoices(teacher_arch, student_arch)
     check_gate_options(min_top1, max_drop, teacher_ref is not None)
     device = resolve_device(device_name)
-    tensors, state = open_resume(out) if resume else ({}, None)
-    if not resume:
+    if not resume and distributed.is_writer():
         check_out(out, force)
+    tensors, state = distributed.from_writer(lambda: open_resume(out)) if resume else ({}, None)
     source = open_data(data_spec)
     settings = recipe.data
+    check_shares(settings.batch_size, len(source.train))
     from_recipe = recipe_layer(settings.image_size, settings.mean, settings.std)
     resolved = resolve_models(student_ref, teacher_ref, source, choices, from_recipe, recipe.seed)
     teacher, student, config = resolved.teacher, resolved.student, resolved.student_pre.config
@@ -139,6 +141,9 @@ def prepare(
                     config.image_size, teacher_in)
     all_terms = check_plan(recipe, models)
     plan = build_plan(kind, recipe, source, resolved, student_ref, teacher_ref, check, data.view, device)
+    if state is not None and state.get("world_size", 1) != distributed.world_size():
+        plan["notes"].append(f"resuming a run written by {state.get('world_size', 1)} processes on "
+                             f"{distributed.world_size()}: the same global batches, in the same order")
     if show_plan is not None and not dry_run:
         show_plan(plan)
     checkpoint = Checkpoint(out / CHECKPOINT_NAME, fingerprint, tensors=tensors, state=state)
@@ -148,9 +153,21 @@ def prepare(
                all_terms, data, checkpoint, min_top1, max_drop, started, check, plan)
 
 
+def check_shares(batch_size: int, train_size: int) -> None:
+    """Under several processes data.batch_size is the global batch, split evenly between them."""
+    world = distributed.world_size()
+    if batch_size % world:
+        fit = max(world, batch_size - batch_size % world)
+        raise KdcliError(f"data.batch_size {batch_size} is the global batch, shared by {world} processes, so it must "
+                         f"be a multiple of {world}; set --set data.batch_size={fit}")
+    if world > 1 and train_size < batch_size:
+        raise KdcliError(f"the training split has {train_size} images, fewer than one global batch of {batch_size}; "
+                         "set a smaller data.batch_size (a multiple of the processes)")
+
+
 def train(run: Run, listener: Listener) -> list[StageOutcome]:
     """Run the stages; SIGINT/SIGTERM save the state and end in Interrupted."""
-    if not run.checkpoint.resuming:
+    if not run.checkpoint.resuming and distributed.is_writer():
         run.out.mkdir(parents=True, exist_ok=True)
         write_text(run.out / "recipe.yaml", run.recipe.to_yaml())
     with StopSignals() as signals:
@@ -168,7 +185,8 @@ def train(run: Run, listener: Listener) -> list[StageOutcome]:
 def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
     """Write the student, assess it, write the report, delete the training checkpoint, apply the gate."""
     folder = run.student_folder
-    save_timm_folder(folder, run.student, run.config, run.source.classes, {"recipe_hash": run.recipe.digest()})
+    if distributed.is_writer():
+        save_timm_folder(folder, run.student, run.config, run.source.classes, {"recipe_hash": run.recipe.digest()})
     teacher = None
     if run.teacher:
         check = run.teacher_check
@@ -186,7 +204,8 @@ def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
         "plan": run.plan,
     })
     report["gate"] = gate_result(report, run.min_top1, run.max_drop)
-    report = write_report(run.out, report)
-    run.checkpoint.path.unlink()  # the run is complete: its outputs replace the training state
+    if distributed.is_writer():
+        report = write_report(run.out, report)
+        run.checkpoint.path.unlink()  # the run is complete: its outputs replace the training state
     enforce(report)
     return report
