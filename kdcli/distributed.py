@@ -32,11 +32,11 @@ COMMANDS = ("distill", "train", "eval")  # what runs on several processes; the r
 
 
 class PeerFailed(Exception):
-    """Another process failed: end with its line and exit code."""
+    """Another process failed: end as it ended (`ending`: how exits.py words an ending, its exit code last)."""
 
-    def __init__(self, line: str | None, code: int):
-        super().__init__(line)
-        self.line, self.code = line, code
+    def __init__(self, ending: tuple):
+        super().__init__(ending)
+        self.ending = ending
 
 
 class _Group:
@@ -119,8 +119,8 @@ def _flags(failed: bool, stop: bool) -> tuple[int, int]:
     return int(flags[0]), int(flags[1])
 
 
-def _agreed_failure(own: tuple[str | None, int] | None) -> tuple[str | None, int]:
-    """The line and exit code of the lowest failed rank, on every process."""
+def _agreed_failure(own: tuple | None) -> tuple:
+    """The ending of the lowest failed rank, on every process."""
     lowest = torch.tensor([_group.rank if own is not None else _group.world], dtype=torch.int64)
     dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
     payload = [own]
@@ -135,20 +135,20 @@ def check(stop: bool = False) -> bool:
         return stop
     failed, stops = _flags(False, stop)
     if failed:
-        raise PeerFailed(*_agreed_failure(None))
+        raise PeerFailed(_agreed_failure(None))
     return stops > 0
 
 
-def conclude(line: str | None, code: int) -> tuple[str | None, int]:
+def conclude(ending: tuple, failed: bool) -> tuple:
     """How the command ends, the same on every process: its own ending if all succeeded, else the lowest failed
-    rank's line and code."""
+    rank's (a picklable tuple: the line to print and the exit code)."""
     if _group.world <= 1 or _group.settled:
-        return line, code
+        return ending
     try:
-        failed, _ = _flags(code != 0, False)
-        return _agreed_failure((line, code) if code != 0 else None) if failed else (line, code)
+        any_failed, _ = _flags(failed, False)
+        return _agreed_failure(ending if failed else None) if any_failed else ending
     except RuntimeError:  # a peer is gone (killed, or crashed inside a collective): say our own ending
-        return line, code
+        return ending
 
 
 def share(batch: list[int]) -> list[int]:

@@ -11,9 +11,7 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import kdcli
-from conftest import DATA, Result
+from conftest import DATA, Result, Watched, partial_of
 from kdcli.cli import main
 
 ROOT = Path(kdcli.__file__).parent.parent
@@ -43,7 +41,6 @@ stages:
     losses: [{method: kd, alpha: 0.1, temperature: 2}]
     anchor: {weighting: tcp, tcp: true-class, lambda: 1.0, temperature: 4}
 """
-BOUND = 1800  # seconds: only a hung run ever reaches it; every wait below is on progress
 
 
 def environment(**extra: str) -> dict:
@@ -53,10 +50,9 @@ def environment(**extra: str) -> dict:
 
 
 def torchrun(*args, processes: int = 2) -> Result:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "kdcli", *map(str, args)]
-    done = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=BOUND)
-    return Result(done.returncode, done.stdout, done.stderr)
+    """torchrun -m kdcli ARGS, to its end (rank 0 prints progress, waited on as conftest.Watched does)."""
+    return Watched([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+                    "-m", "kdcli", *args], env=environment()).finish()
 
 
 def free_port() -> int:
@@ -65,25 +61,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def spawn(*args, processes: int = 2, cwd: list[Path] | None = None) -> list[subprocess.Popen]:
+def spawn(*args, processes: int = 2) -> list[Watched]:
     """The processes torchrun would start, each with its own stdout, stderr and exit code."""
     port = str(free_port())
-    return [
-        subprocess.Popen(
-            [sys.executable, "-m", "kdcli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, cwd=cwd[rank] if cwd else None,
-            env=environment(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
-                            LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-        for rank in range(processes)
-    ]
+    return [Watched([sys.executable, "-m", "kdcli", *args],
+                    env=environment(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+                                    LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+            for rank in range(processes)]
 
 
-def ended(processes: list[subprocess.Popen]) -> list[Result]:
-    results = []
-    for process in processes:
-        out, err = process.communicate(timeout=BOUND)
-        results.append(Result(process.returncode, out, err))
-    return results
+def ended(processes: list[Watched]) -> list[Result]:
+    """Every process's ending, rank 0's first: it prints progress; the others are silent until their last line."""
+    return [process.finish() for process in processes]
 
 
 def error_lines(result: Result) -> list[str]:
@@ -143,7 +132,7 @@ def test_torchrun_distill_matches_one_process(tmp_path, teacher_dir, recipe, one
     # one writer: a single plan and one line per epoch, rank 0's
     assert result.err.count("plan: distill") == 1 and result.err.count("[anchored] epoch 2/2") == 1
     assert "global batch: 2 processes x 16" in result.err
-    assert not (out / "checkpoint.safetensors").exists()
+    assert not partial_of(out).exists()
 
 
 def test_distributed_eval_equals_one_process_to_the_sample(cli, teacher_dir):
@@ -187,7 +176,7 @@ def test_an_error_on_rank_1_only_ends_both_processes_with_one_line(tmp_path):
                           "--out", out))
     assert_same_ending(results, 2, "cannot read image", path.name)
     assert "stage 0" in results[0].err and results[1].err.count("\n") == 1  # rank 1 printed only its last line
-    assert not out.exists()
+    assert not out.exists() and not partial_of(out).exists()
 
 
 def test_bad_distributed_input_ends_every_process_alike(tmp_path, teacher_dir):
@@ -201,23 +190,14 @@ def test_bad_distributed_input_ends_every_process_alike(tmp_path, teacher_dir):
     assert not any((tmp_path / name).exists() for name in ("out", "small", "demo"))
 
 
-def wait_for(path: Path, processes: list[subprocess.Popen]) -> None:
-    """Until `path` exists (progress), failing only if the processes end first."""
-    deadline = time.monotonic() + BOUND
-    while not path.exists():
-        assert all(p.poll() is None for p in processes), "the run ended before writing its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-
 def test_a_two_process_run_stopped_on_one_rank_resumes_on_one_process(cli, tmp_path, teacher_dir, recipe,
                                                                        one_process):
     out = tmp_path / "run"
     args = distill_args(teacher_dir, recipe, out)
     processes = spawn(*args)
-    checkpoint = out / "checkpoint.safetensors"
-    wait_for(checkpoint, processes)  # the first epoch is done; two more remain
-    processes[1].send_signal(signal.SIGTERM)  # one rank only: every rank stops at the same step
+    checkpoint = partial_of(out) / "checkpoint.safetensors"
+    assert processes[0].wait_until(checkpoint.exists), processes[0].err  # the first epoch is done; two remain
+    processes[1].process.send_signal(signal.SIGTERM)  # one rank only: every rank stops at the same step
     line = assert_same_ending(ended(processes), 130, "training state saved", "--resume")
     with safetensors.safe_open(str(checkpoint), framework="pt") as handle:
         state = json.loads(handle.metadata()["kdcli_state"])
