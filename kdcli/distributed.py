@@ -79,7 +79,12 @@ def join(command: str | None) -> None:
                              "start at most one process per GPU (--nproc-per-node)")
         torch.cuda.set_device(local_rank)
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=TIMEOUT)
+    try:
+        dist.init_process_group(backend, timeout=TIMEOUT)
+    except (RuntimeError, ValueError) as err:  # no rendezvous: a wrong address, port or environment
+        reason = " ".join(str(err).split())[:200]
+        raise KdcliError(f"cannot join the group of {world} processes ({reason}); start kdcli with torchrun, "
+                         "or check MASTER_ADDR/MASTER_PORT (--rdzv-endpoint)") from err
     _group.rank, _group.world, _group.local_rank = dist.get_rank(), dist.get_world_size(), local_rank
 
 

@@ -11,7 +11,7 @@ import timm
 import torch
 from torch import nn
 
-from kdcli import __version__
+from kdcli import __version__, distributed
 from kdcli.models.checkpoint import LoadedModel, count_params
 from kdcli.evaluation.cost import count_macs, measure_speed
 from kdcli.data import DataConfig, DataSource, EvalView, eval_loader
@@ -54,7 +54,8 @@ def _logits(subject: Subject, source: DataSource, batch_size: int, workers: int,
 
 def model_entry(subject: Subject, logits: torch.Tensor, labels: torch.Tensor, device: torch.device) -> dict:
     model, path, size = subject.loaded.model, subject.path, subject.config.image_size
-    speed = measure_speed(model, size, device)
+    # timed by rank 0 alone under torchrun (the others wait, not competing for its cores) and sent to all
+    speed = distributed.from_writer(lambda: measure_speed(model, size, device))
     return {
         "arch": subject.loaded.arch,
         "path": str(path) if path else None,
