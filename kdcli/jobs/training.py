@@ -148,8 +148,9 @@ def prepare(
                     config.image_size, teacher_in)
     all_terms = check_plan(recipe, models)
     plan = build_plan(kind, recipe, source, resolved, student_ref, teacher_ref, check, data.view, device)
-    if state is not None and state.get("world_size", 1) != distributed.world_size():
-        plan["notes"].append(f"resuming a run written by {state.get('world_size', 1)} processes on "
+    written_by = state.get("world_size", 1) if state is not None else distributed.world_size()
+    if written_by != distributed.world_size():
+        plan["notes"].append(f"resuming a run written by {written_by} process{'es' if written_by > 1 else ''} on "
                              f"{distributed.world_size()}: the same global batches, in the same order")
     if show_plan is not None and not dry_run:
         show_plan(plan)
