@@ -229,8 +229,10 @@ def print_plan(plan: dict, stderr: bool = False) -> None:
                     f"{check['threshold']:.1f}%): {check['result']}")
             say(f"           gets {entry['input']}")
     steps = plan["steps"]
+    shared = steps.get("processes", 1)
+    split = f" (the global batch: {shared} processes x {steps['batch_size'] // shared})" if shared > 1 else ""
     say(f"  steps    {steps['per_epoch']} per epoch x {steps['epochs']} epochs = {steps['total']} steps of "
-        f"{steps['batch_size']} images")
+        f"{steps['batch_size']} images{split}")
     estimate = plan["estimate"]
     say(f"  time     about {_duration(estimate['seconds'])} on {estimate['device']} ({estimate['threads']} threads; "
         "a rough estimate from timed forward passes)")

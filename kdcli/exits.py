@@ -13,6 +13,7 @@ import traceback
 import typer
 from rich.console import Console
 
+from kdcli import distributed
 from kdcli.errors import Interrupted, KdcliError, QualityGateFailed, SignalReceived, clip, is_out_of_memory, printable
 
 err_console = Console(stderr=True)
@@ -72,7 +73,8 @@ class _Signals:
 
 def run(app: typer.Typer, argv: list[str] | None = None) -> int:
     """Run the app and map how it ended to an exit code (0 ok, 1 gate failed, 2 bad input, 3 internal error,
-    130 interrupted), each failure as one `error:` line on stderr."""
+    130 interrupted), each failure as one `error:` line on stderr. Under torchrun every process ends with the
+    same line and exit code: the first failed rank's (kdcli/distributed.py)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("KDCLI_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
@@ -80,41 +82,52 @@ def run(app: typer.Typer, argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")
     with _Signals():
         try:
-            code = app(args=args, prog_name="kdcli", standalone_mode=False)
-            code = code if isinstance(code, int) else 0
-            if code == 130:  # typer turned a KeyboardInterrupt into Exit(130)
-                report_error("interrupted")
-            return code
+            distributed.join(next((a for a in args if not a.startswith("-")), None))
         except KdcliError as err:
-            if debug:
-                traceback.print_exc()
-            report_error(_one_line(err))
-            return err.exit_code
-        except QualityGateFailed as err:
             report_error(str(err))
             return err.exit_code
-        except Interrupted as err:
-            report_error(str(err), _resume_hint(args) if err.resumable else "")
-            return err.exit_code
-        except typer.Exit as err:
-            return err.exit_code
-        except typer.TyperException as err:  # click's usage errors: unknown command or option, missing argument, ...
-            if type(err).__name__ == "NoArgsIsHelpError":  # `kdcli` or `kdcli recipe` alone: the help
-                print(err.ctx.get_help())
-                return 0
-            report_error(_usage_error(err))
-            return 2
-        except (SignalReceived, KeyboardInterrupt, typer.Abort) as err:
-            name = signal.Signals(err.signum).name if isinstance(err, SignalReceived) else "SIGINT"
-            report_error(f"interrupted ({name})")
-            return 130
-        except Exception as err:  # a bug in kdcli, not the user's input
-            if debug:
-                traceback.print_exc()
-            if is_out_of_memory(err):
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                report_error(f"out of memory ({reason}); lower data.batch_size or data.image_size (eval: --batch-size), "
-                              "or use a machine with more memory")
-                return 2
-            report_error(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback, and report it)")
-            return 3
+        try:
+            with distributed.quiet():
+                message, then, code = _ending(app, args, debug)
+            message, then, code = distributed.conclude((message, then, code), failed=code != 0)
+            if message is not None:
+                report_error(message, then)
+            return code
+        finally:
+            distributed.leave()
+
+
+def _ending(app: typer.Typer, args: list[str], debug: bool) -> tuple[str | None, str, int]:
+    """(the error line or None, what follows it kept whole, the exit code) of running the command."""
+    try:
+        code = app(args=args, prog_name="kdcli", standalone_mode=False)
+        code = code if isinstance(code, int) else 0
+        return ("interrupted", "", code) if code == 130 else (None, "", code)  # typer turned ^C into Exit(130)
+    except KdcliError as err:
+        if debug:
+            traceback.print_exc()
+        return _one_line(err), "", err.exit_code
+    except QualityGateFailed as err:
+        return str(err), "", err.exit_code
+    except Interrupted as err:
+        return str(err), _resume_hint(args) if err.resumable else "", err.exit_code
+    except distributed.PeerFailed as err:  # another process failed first: end as it did
+        return err.ending
+    except typer.Exit as err:
+        return None, "", err.exit_code
+    except typer.TyperException as err:  # click's usage errors: unknown command or option, missing argument, ...
+        if type(err).__name__ == "NoArgsIsHelpError":  # `kdcli` or `kdcli recipe` alone: the help
+            print(err.ctx.get_help())
+            return None, "", 0
+        return _usage_error(err), "", 2
+    except (SignalReceived, KeyboardInterrupt, typer.Abort) as err:
+        name = signal.Signals(err.signum).name if isinstance(err, SignalReceived) else "SIGINT"
+        return f"interrupted ({name})", "", 130
+    except Exception as err:  # a bug in kdcli, not the user's input
+        if debug:
+            traceback.print_exc()
+        if is_out_of_memory(err):
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return (f"out of memory ({reason}); lower data.batch_size or data.image_size (eval: --batch-size), "
+                    "or use a machine with more memory"), "", 2
+        return f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback, and report it)", "", 3

@@ -521,6 +521,8 @@ ELSEWHERE = {
     "disk-full": ("test_errors", "test_disk_full_while_writing_leaves_nothing"),
     "resume-data-changed": ("test_resume", "test_resume_names_what_changed_in_the_data"),
     "missing-export-extra": ("test_export", "test_a_missing_extra_is_one_clear_line_before_any_work"),
+    **{case: ("test_distributed", "test_bad_distributed_input_ends_every_process_alike")
+       for case in ("batch-not-shared-evenly", "train-smaller-than-a-batch", "command-not-distributed")},
 }
 
 

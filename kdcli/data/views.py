@@ -16,10 +16,11 @@ import random
 
 import torch
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from kdcli import distributed
 from kdcli.data.config import DataConfig
 
 
@@ -106,11 +107,16 @@ def train_loader(view: TrainView, batch_size: int, order_seed: int, stage: int, 
                  start_batch: int = 0) -> DataLoader:
     """The loader of one epoch of a stage from its start_batch-th batch: the order depends on (order_seed, epoch),
     the views on (the view's seed, stage, epoch). Its own generator: creating it draws nothing from torch's
-    global one (a DataLoader without one takes its workers' base seed from there)."""
-    batches = epoch_batches(len(view), batch_size, order_seed, epoch)[start_batch:]
+    global one (a DataLoader without one takes its workers' base seed from there). Under several processes
+    batch_size is the global batch: each process loads its share of every batch, so the global order is the
+    one-process order."""
+    batches = [distributed.share(b) for b in epoch_batches(len(view), batch_size, order_seed, epoch)[start_batch:]]
     generator = torch.Generator().manual_seed(order_seed * 1_000_003 + epoch)
     return DataLoader(view.at(stage, epoch), batch_sampler=batches, num_workers=workers, generator=generator)
 
 
 def eval_loader(view: EvalView, batch_size: int, workers: int) -> DataLoader:
+    """In order; under several processes, this process's block of the samples (metrics.predict gathers them)."""
+    if distributed.world_size() > 1:
+        view = Subset(view, distributed.shard(len(view)))
     return DataLoader(view, batch_size=batch_size, shuffle=False, num_workers=workers)

@@ -11,10 +11,10 @@ from pathlib import Path
 import timm
 import torch
 
-from kdcli import __version__
+from kdcli import __version__, distributed
 from kdcli.data import DataConfig, DataSource, EvalView, eval_loader
 from kdcli.evaluation.cost import measure_speeds, speedup
-from kdcli.evaluation.metrics import accuracy_metrics, agreement, reliability_bins
+from kdcli.evaluation.metrics import accuracy_metrics, agreement, gather_blocks, reliability_bins
 from kdcli.evaluation.predictors import OnnxPredictor, Predictor, TorchPredictor
 from kdcli.models.checkpoint import LoadedModel
 from kdcli.models.export import Exported
@@ -74,7 +74,7 @@ def _logits(subject: Subject, source: DataSource, batch_size: int, workers: int)
     for images, targets in eval_loader(EvalView(source.val, subject.config), batch_size, workers):
         logits.append(subject.predictor(images))
         labels.append(targets)
-    return torch.cat(logits), torch.cat(labels)
+    return gather_blocks(logits, labels)  # under torchrun each process predicted its block
 
 
 def _file_bytes(path: Path | None) -> int | None:
@@ -160,8 +160,10 @@ def assess(source: DataSource, device: torch.device, batch_size: int, workers: i
     for name, subject in subjects.items():
         subject.predictor.to(device)
         logits[name], labels = _logits(subject, source, batch_size, workers)
-    speeds = measure_speeds({name: (lambda batch, s=s: s.predictor.forward_pass(batch, s.config.image_size))
-                             for name, s in subjects.items()})
+    passes = {name: (lambda batch, s=s: s.predictor.forward_pass(batch, s.config.image_size))
+              for name, s in subjects.items()}
+    # timed by rank 0 alone under torchrun (the others wait, not competing for its cores) and sent to all
+    speeds = distributed.from_writer(lambda: measure_speeds(passes))
     entries = {role: model_entry(subjects[role], logits[role], labels, speeds[role]) if role in subjects else None
                for role in ("student", "teacher", "baseline")}
     exported = [export_entry(s, logits[f"export {i}"], labels, speeds[f"export {i}"], entries["student"],

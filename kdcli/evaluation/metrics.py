@@ -6,18 +6,28 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kdcli import distributed
 from kdcli.models.modes import evaluating
 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [N, C] float32 on CPU, labels [N]) in loader order, model in eval mode."""
+    """(logits [N, C] float32 on CPU, labels [N]) in loader order, model in eval mode. Under several processes
+    the loader holds this process's block of the samples (data.eval_loader) and the result is every block, in
+    order: each sample once, exactly as one process sees them."""
     logits, labels = [], []
     with evaluating(model):
         for images, targets in loader:
             logits.append(model(images.to(device, non_blocking=True)).float().cpu())
             labels.append(targets)
-    return torch.cat(logits), torch.cat(labels)
+    return gather_blocks(logits, labels)
+
+
+def gather_blocks(logits: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's batches of (logits, labels) joined with every other process's, in rank order (one process:
+    its own): each validation sample once, as one process would see them."""
+    blocks = [block for block in distributed.gather((logits, labels)) if block[0]]
+    return torch.cat([t for block, _ in blocks for t in block]), torch.cat([t for _, block in blocks for t in block])
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:

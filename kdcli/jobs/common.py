@@ -16,13 +16,14 @@ from kdcli.models.preprocessing import Layer, native_layer, own_preprocessing
 
 
 def resolve_device(name: str) -> torch.device:
+    """cpu, or the current CUDA device (under torchrun, the process's LOCAL_RANK: distributed.join sets it)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise KdcliError("--device cuda: no CUDA device is available here; use --device cpu or auto")
     if name not in ("cpu", "cuda"):
         raise KdcliError(f"--device {name}: choose auto, cpu or cuda")
-    return torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
 
 
 def subject(ref: str, arch: str | None, role: str, flag: str, source: DataSource,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from kdcli import distributed
 from kdcli.data import open_data
 from kdcli.errors import KdcliError
 from kdcli.evaluation.assess import assess, run_info
@@ -44,7 +45,8 @@ def eval_checkpoint(
     if threads is not None and threads < 1:
         raise KdcliError(f"--threads {threads}: must be 1 or more")
     inputs = {"checkpoint": ref, "teacher": teacher_ref, "baseline": baseline_ref}
-    outputs = Outputs(Path(out), force=force, data=data_spec, inputs=inputs, phase="evaluating") if out else None
+    writes = out is not None and distributed.is_writer()  # under torchrun, rank 0 alone
+    outputs = Outputs(Path(out), force=force, data=data_spec, inputs=inputs, phase="evaluating") if writes else None
     with outputs or nullcontext():
         report = _evaluate(ref, data_spec, arch, batch_size, workers, device_name, teacher_ref, teacher_arch,
                            baseline_ref, baseline_arch, threads, flags, teacher_flags)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kdcli import distributed
 from kdcli.data import DataSource, EvalView, eval_loader
 from kdcli.data.views import epoch_batches
 from kdcli.errors import KdcliError
@@ -225,12 +226,13 @@ def build_plan(kind: str, recipe, source: DataSource, models: ResolvedModels, st
                teacher_ref: str | None, check: TeacherCheck | None, view, device: torch.device) -> dict:
     """The resolved plan, as --dry-run --json prints it and report.json keeps it."""
     steps = steps_per_epoch(len(source.train), recipe.data.batch_size)
+    processes = distributed.world_size()  # each runs its share of every step
     epochs = sum(stage.epochs for stage in recipe.stages)
     teacher_model = models.teacher.model if models.teacher else None
     teacher_size = models.teacher_pre.config.image_size if models.teacher else 0
     seconds = estimate_seconds(models.student.model, teacher_model, models.student_pre.config.image_size,
-                               teacher_size, view, recipe.data.batch_size, steps * epochs, epochs, len(source.val),
-                               device)
+                               teacher_size, view, recipe.data.batch_size // processes, steps * epochs, epochs,
+                               len(source.val) // processes, device)
     teacher = None
     if models.teacher is not None:
         teacher = {**model_entry(models.teacher, models.teacher_pre, teacher_ref),
@@ -243,7 +245,8 @@ def build_plan(kind: str, recipe, source: DataSource, models: ResolvedModels, st
                  "classes": source.num_classes, "image_sizes": source.sizes or None},
         "teacher": teacher,
         "student": model_entry(models.student, models.student_pre, student_ref),
-        "steps": {"per_epoch": steps, "epochs": epochs, "total": steps * epochs, "batch_size": recipe.data.batch_size},
+        "steps": {"per_epoch": steps, "epochs": epochs, "total": steps * epochs, "batch_size": recipe.data.batch_size,
+                  "processes": processes},  # batch_size is the global batch, shared by the processes
         "estimate": {"seconds": round(seconds), "device": str(device), "threads": torch.get_num_threads()},
         "notes": models.notes,
     }

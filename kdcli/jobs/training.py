@@ -8,11 +8,13 @@ finish() writes the student, assesses it, writes the report and applies the qual
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from kdcli import distributed
 from kdcli.data import DataConfig, DataSource, EvalView, TrainView, eval_loader, open_data
 from kdcli.errors import Interrupted, KdcliError, SignalReceived
 from kdcli.evaluation.assess import Subject, assess, model_subject, run_info
@@ -65,14 +67,19 @@ def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *
                   force: bool = False, resume: bool = False, export: str | None = None, **options) -> dict:
     """distill (with teacher_ref) or train (without): the whole run. Its files are written beside --out and
     moved into place when it succeeds (jobs/outputs.py); a run that stops keeps what --resume needs. A dry run
-    writes nothing and returns the run plan. export: formats to export the student to (distill --export)."""
+    writes nothing and returns the run plan. export: formats to export the student to (distill --export). Under
+    torchrun only rank 0 holds the outputs (the others only know where they are)."""
     formats = check_request(export, has_data=True, flag="--export")
+    if formats and distributed.world_size() > 1:  # the files would exist on rank 0's machine alone
+        raise KdcliError("--export is not available under torchrun; export the student afterwards in one "
+                         "process: kdcli export OUT/student --format ... --data ...")
     if options.get("dry_run"):
         folder = Outputs(Path(out)).folder if resume else Path(out)  # where a resumed run's state is
         return prepare(recipe, student_ref, data_spec, folder, resume=resume, **options).plan
     inputs = {"teacher": options.get("teacher_ref"), "baseline": options.get("baseline_ref"), "student": student_ref}
-    with Outputs(Path(out), force=force, resume=resume, data=data_spec, inputs=inputs, in_place=("student",),
-                 phase="checking the inputs") as outputs:
+    outputs = Outputs(Path(out), force=force, resume=resume, data=data_spec, inputs=inputs, in_place=("student",),
+                      phase="checking the inputs")
+    with outputs if distributed.is_writer() else nullcontext(outputs):
         run = prepare(recipe, student_ref, data_spec, outputs.folder, resume=resume, **options)
         outputs.phase = "training"
         outcomes = train(run, listener)
@@ -109,12 +116,13 @@ def prepare(
     choices = choices or ModelChoices(teacher_arch, student_arch)
     check_gate_options(min_top1, max_drop, teacher_ref is not None)
     device = resolve_device(device_name)
-    tensors, state = open_resume(out) if resume else ({}, None)
+    tensors, state = distributed.from_writer(lambda: open_resume(out)) if resume else ({}, None)
     source = open_data(data_spec)
     if len(source.train) < 2:
         raise KdcliError(f"the training split of {data_spec} has {len(source.train)} image; training needs at least 2 "
                          "(batch norm cannot train on a batch of one); add images")
     settings = recipe.data
+    check_shares(settings.batch_size, len(source.train))
     from_recipe = recipe_layer(settings.image_size, settings.mean, settings.std)
     resolved = resolve_models(student_ref, teacher_ref, source, choices, from_recipe, recipe.seed)
     teacher, student, config = resolved.teacher, resolved.student, resolved.student_pre.config
@@ -145,6 +153,10 @@ def prepare(
                     config.image_size, teacher_in)
     all_terms = check_plan(recipe, models)
     plan = build_plan(kind, recipe, source, resolved, student_ref, teacher_ref, check, data.view, device)
+    written_by = state.get("world_size", 1) if state is not None else distributed.world_size()
+    if written_by != distributed.world_size():
+        plan["notes"].append(f"resuming a run written by {written_by} process{'es' if written_by > 1 else ''} on "
+                             f"{distributed.world_size()}: the same global batches, in the same order")
     if show_plan is not None and not dry_run:
         show_plan(plan)
     checkpoint = Checkpoint(out / CHECKPOINT_NAME, fingerprint, tensors=tensors, state=state)
@@ -155,9 +167,21 @@ def prepare(
                all_terms, data, checkpoint, min_top1, max_drop, started, check, plan)
 
 
+def check_shares(batch_size: int, train_size: int) -> None:
+    """Under several processes data.batch_size is the global batch, split evenly between them."""
+    world = distributed.world_size()
+    if batch_size % world:
+        fit = max(world, batch_size - batch_size % world)
+        raise KdcliError(f"data.batch_size {batch_size} is the global batch, shared by {world} processes, so it must "
+                         f"be a multiple of {world}; set --set data.batch_size={fit}")
+    if world > 1 and train_size < batch_size:
+        raise KdcliError(f"the training split has {train_size} images, fewer than one global batch of {batch_size}; "
+                         "set a smaller data.batch_size (a multiple of the processes)")
+
+
 def train(run: Run, listener: Listener) -> list[StageOutcome]:
     """Run the stages; SIGINT/SIGTERM save the state and end in Interrupted."""
-    if not run.checkpoint.resuming:
+    if not run.checkpoint.resuming and distributed.is_writer():
         write_text(run.out / RECIPE_NAME, run.recipe.to_yaml())
     with StopSignals() as signals:
         run.checkpoint.stop_requested = signals.requested
@@ -179,7 +203,8 @@ def finish(run: Run, outcomes: list[StageOutcome], export_formats: list[str] = (
     """Write the student (and its exports), assess them, write the report (the training checkpoint goes when the
     outputs are moved into place); the gate applies to the student and every exported file."""
     folder = run.student_folder
-    save_timm_folder(folder, run.student, run.config, run.source.classes, {"recipe_hash": run.recipe.digest()})
+    if distributed.is_writer():
+        save_timm_folder(folder, run.student, run.config, run.source.classes, {"recipe_hash": run.recipe.digest()})
     exported = write_exports(run.student, run.config, run.source, run.source.classes, export_formats,
                              run.out / "export", run.recipe.seed) if export_formats else []
     teacher = None
@@ -204,4 +229,4 @@ def finish(run: Run, outcomes: list[StageOutcome], export_formats: list[str] = (
         "plan": run.plan,
     })
     report["gate"] = gate_result(report, run.min_top1, run.max_drop)
-    return write_report(run.out, report)
+    return write_report(run.out, report) if distributed.is_writer() else report

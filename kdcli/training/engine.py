@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from kdcli import distributed
 from kdcli.data import TrainView, epoch_batches, train_loader
 from kdcli.errors import KdcliError
 from kdcli.evaluation.metrics import predict, topk_accuracy
@@ -145,6 +146,21 @@ def not_finite(plan: StagePlan, inputs: StepInputs, terms: dict[str, torch.Tenso
     return NotFinite(f"{where}: loss term '{bad}' is not finite", "lower the learning rate or that term's weight")
 
 
+class StepModule(nn.Module):
+    """What a stage trains, as one module (the student and the methods' own parameters), whose forward is one
+    step's losses: one DistributedDataParallel wraps it all. Sources are not submodules: the teacher and the
+    reference are never wrapped."""
+
+    def __init__(self, plan: StagePlan, needs: Needs):
+        super().__init__()
+        self.student, self.methods = plan.student, nn.ModuleList(term.method for term in plan.terms)
+        self.plan, self.needs = plan, needs
+
+    def forward(self, batch: Batch) -> tuple[dict[str, torch.Tensor], StepInputs]:
+        inputs = step_inputs(self.plan, self.needs, batch)
+        return loss_terms(self.plan, inputs), inputs
+
+
 class StageRunner:
     """One stage: a fresh optimizer and schedule, epochs of steps, validation after each epoch."""
 
@@ -157,6 +173,7 @@ class StageRunner:
         self.schedule = make_schedule(plan.schedule, self.optimizer, self.steps_per_epoch * plan.epochs,
                                       self.steps_per_epoch)
         self.precision = MixedPrecision(device)
+        self.step = distributed.wrap(StepModule(plan, self.needs))
 
     def state(self) -> dict:
         """Optimizer, schedule and loss-scaler state (tensors inside), to save with a checkpoint."""
@@ -179,6 +196,8 @@ class StageRunner:
         for epoch in range(start.epoch, plan.epochs):
             first_step = start.step if epoch == start.epoch else 0
             sums = sums if epoch == start.epoch and sums is not None else EpochSums()
+            if not distributed.is_writer():  # saved sums are every process's: count them once
+                sums = EpochSums(seconds=sums.seconds)
             history.append(self._epoch(epoch, first_step, sums, control))
             self.listener.epoch_done(history[-1])
             control.save(self, Position(plan.index, epoch + 1, 0), None)
@@ -191,7 +210,8 @@ class StageRunner:
         loader = train_loader(data.view, data.batch_size, self.order_seed, plan.index, epoch, data.workers, first_step)
         lr = self.optimizer.param_groups[0]["lr"]
         for step, (images, labels, samples) in enumerate(loader, start=first_step):
-            if control.stop_requested():
+            if distributed.check(control.stop_requested()):  # every process stops at the same step
+                sums = self._summed(sums)
                 sums.seconds += time.perf_counter() - started
                 position = Position(plan.index, epoch, step)
                 control.save(self, position, sums)
@@ -199,12 +219,12 @@ class StageRunner:
             batch = Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True),
                           samples, plan.index, epoch)
             with self.precision.autocast():
-                inputs = step_inputs(plan, self.needs, batch)
-                terms = loss_terms(plan, inputs)
+                terms, inputs = self.step(batch)
             loss = sum(terms.values())
             if not torch.isfinite(loss):
                 where = f"stage '{plan.name}' epoch {epoch + 1} step {step + 1}"
                 raise not_finite(plan, inputs, terms, where, untrained=(plan.index, epoch, step) == (0, 0, 0))
+            distributed.check()  # every process has its loss: only now join the gradients' all-reduce
             lr = self.optimizer.param_groups[0]["lr"]  # the one this step uses; the schedule moves on after it
             self.optimizer.zero_grad(set_to_none=True)
             self.precision.backward(loss, self.optimizer)
@@ -213,6 +233,8 @@ class StageRunner:
                 sums.terms[name] = sums.terms.get(name, 0.0) + value.item() * len(labels)
             sums.seen += len(labels)
             self.listener.step_done()
+        distributed.average_buffers(plan.trained())
+        sums = self._summed(sums)
         val_logits, val_labels = predict(plan.student, data.val_loader, self.device)
         seen = max(sums.seen, 1)
         return EpochRecord(
@@ -223,3 +245,9 @@ class StageRunner:
             lr=lr,
             seconds=sums.seconds + time.perf_counter() - started,
         )
+
+    def _summed(self, sums: EpochSums) -> EpochSums:
+        """The epoch's loss sums over every process (each summed its share of the batches)."""
+        names = [term.name for term in self.plan.terms]
+        *totals, seen = distributed.sum_all([sums.terms.get(name, 0.0) for name in names] + [float(sums.seen)])
+        return EpochSums(dict(zip(names, totals)) if seen else {}, int(seen), sums.seconds)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from kdcli import distributed
 from kdcli.errors import KdcliError
 from kdcli.models import taps
 from kdcli.training import sources
@@ -133,6 +134,8 @@ class _Saver:
         return self.checkpoint.stop_requested()
 
     def save(self, runner: StageRunner, position: Position, sums: EpochSums | None) -> None:
+        if not distributed.is_writer():  # every process holds the same state; rank 0 writes it
+            return
         tensors = {**module_tensors("student", self.models.student), **rng_tensors()}
         for name, source in self.sources.items():
             tensors.update({_source_prefix(name) + key: value for key, value in source.state().items()})
@@ -141,6 +144,7 @@ class _Saver:
                 tensors.update(module_tensors(f"method.{index}.{term.name}", term.method))
         state = {
             "fingerprint": self.checkpoint.fingerprint,
+            "world_size": distributed.world_size(),  # positions count global batches: any count resumes it
             "position": asdict(position),
             "done": [{"name": o.name, "epochs": o.epochs, "anchor": o.anchor,
                       "history": [asdict(r) for r in o.history]} for o in self.done],
