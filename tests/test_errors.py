@@ -577,7 +577,7 @@ def test_debug_shows_the_traceback(cli, tmp_path):
 
 @pytest.mark.parametrize("args, fragments", [
     (["no-such-command"], ["no such command 'no-such-command'", "usage: kdcli [OPTIONS] COMMAND"]),
-    (["distill"], ["missing argument 'teacher'", "usage: kdcli distill [OPTIONS] TEACHER STUDENT"]),
+    (["distill"], ["missing argument 'TEACHER'", "usage: kdcli distill [OPTIONS] TEACHER STUDENT"]),
     (["eval", "x.safetensors"], ["missing option '--data'", "see kdcli eval --help"]),
     (["eval", "x", "--data", DATA, "--batch-size", "many"], ["invalid value for '--batch-size'", "usage: kdcli eval"]),
     (["recipe", "check"], ["no such command 'check'", "usage: kdcli recipe"]),
