@@ -18,6 +18,7 @@ METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 LOGGERS = ("tensorboard",)
+TAGS = {"loss": "loss/total", "val_top1": "val/top1", "lr": "train/lr", "images_per_s": "train/images_per_s"}
 
 
 def check_loggers(log: list[str] | None) -> list[str]:
@@ -87,8 +88,9 @@ class RunLog:
         self._write()
         if self.writer is not None:
             for key, value in row.items():
-                if isinstance(value, float):
-                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value, row["global_epoch"])
+                tag = key if key.startswith("loss/") else TAGS.get(key)
+                if tag and value is not None:
+                    self.writer.add_scalar(tag, value, row["global_epoch"])
             self.writer.flush()
 
     def _write(self) -> None:

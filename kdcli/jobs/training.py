@@ -95,7 +95,7 @@ def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *
         run = prepare(recipe, student_ref, data_spec, outputs.folder, resume=resume, **options)
         outputs.phase = "training"
         with RunLog(run.out, run.earlier_epochs(), loggers) as run_log:
-            outcomes = train(run, Listeners(listener, run_log))
+            outcomes = train(run, Listeners(run_log, listener))  # the file first: a printed epoch is on disk
         outputs.phase = "writing and evaluating the student"
         listener.phase(_final_phase(run, formats))
         report = finish(run, outcomes, formats)
