@@ -250,7 +250,9 @@ def train(
 def eval_(
     checkpoint: str = typer.Argument(..., help="a .safetensors file, a timm folder (fp32, fp16 or bf16), hf-hub:ORG/NAME, "
                                      "ARCH.TAG, or an .onnx file that kdcli export wrote"),
-    data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
+    data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (its val/ is used), a folder of class folders "
+                             "(a held-out set), CIFAR python folder, or 'synthetic'"),
+    split: str = typer.Option(None, "--split", help="evaluate on DATA/SPLIT/<class>/* instead, e.g. test"),
     arch: str = typer.Option(None, "--arch", help="architecture, if the weights do not say"),
     teacher: str = typer.Option(None, "--teacher", help="the teacher: agreement, retention, speed-up and size ratio"),
     teacher_arch: str = typer.Option(None, "--teacher-arch", help="teacher architecture, if its weights do not say"),
@@ -280,12 +282,15 @@ def eval_(
     from kdcli.display import print_eval
     from kdcli.jobs.evaluation import eval_checkpoint
 
-    report, failed = _finish(lambda: eval_checkpoint(
-        checkpoint, data, arch, batch_size=batch_size, workers=workers, device_name=device, teacher_ref=teacher,
-        teacher_arch=teacher_arch, baseline_ref=baseline, baseline_arch=baseline_arch, out=out, force=force,
-        min_top1=min_top1, max_drop=max_drop, threads=threads,
-        flags=_flags("", image_size, mean, std, interpolation),
-        teacher_flags=_flags("teacher-", teacher_image_size, teacher_mean, teacher_std, teacher_interpolation)))
+    with _progress() as listener:
+        listener.phase(f"evaluating {printable(checkpoint)} on {printable(data)}, then timing it")
+        report, failed = _finish(lambda: eval_checkpoint(
+            checkpoint, data, arch, batch_size=batch_size, workers=workers, device_name=device, teacher_ref=teacher,
+            teacher_arch=teacher_arch, baseline_ref=baseline, baseline_arch=baseline_arch, out=out, force=force,
+            min_top1=min_top1, max_drop=max_drop, threads=threads,
+            flags=_flags("", image_size, mean, std, interpolation),
+            teacher_flags=_flags("teacher-", teacher_image_size, teacher_mean, teacher_std, teacher_interpolation),
+            split=split))
     _show(report, failed, json_, lambda: print_eval(report, checkpoint, out))
 
 

@@ -308,6 +308,8 @@ def onnx_without_metadata(c):
 CASES = {
     # checkpoints
     "missing-file": (lambda c: c.distill(c.tmp / "nope.safetensors"), ["does not exist", ".safetensors"]),
+    "unknown-logger": (lambda c: c.distill(None, "test_efficientnet", "--log", "wandb"),
+                       ["--log wandb: unknown logger", "choose from tensorboard"]),
     "folder-without-weights": (lambda c: c.distill(c.folder("empty")), ["has no model.safetensors"]),
     "pickle-checkpoint": (lambda c: c.distill(c.file("teacher.pth", b"\x80\x02")), ["pickle", "kdcli convert"]),
     "corrupt-safetensors": (
@@ -439,6 +441,8 @@ CASES = {
         lambda c: c.distill(None, "test_vit", "--set", "data.image_size=8"), ["cannot take 8x8", "data.image_size"]),
     # data
     "missing-data": (lambda c: c.distill(data=str(c.tmp / "nodata")), ["data folder", "does not exist"]),
+    "eval-split-missing": (lambda c: ["eval", c.teacher, "--data", image_folder(c.tmp / "d"), "--split", "nope"],
+                           ["--split nope:", "is not a folder", "(e.g. test, val)"]),
     "data-is-a-file": (lambda c: c.distill(data=str(c.file("data.zip", b"PK"))), ["is a file"]),
     "empty-data-folder": (lambda c: c.distill(data=str(c.folder("data"))), ["has no train/ folder"]),
     "class-folder-without-images": (lambda c: c.distill(data=str(image_folder_missing_class(c))), ["has no images"]),
@@ -519,6 +523,7 @@ ELSEWHERE = {
     "disk-full": ("test_errors", "test_disk_full_while_writing_leaves_nothing"),
     "resume-data-changed": ("test_resume", "test_resume_names_what_changed_in_the_data"),
     "missing-export-extra": ("test_export", "test_a_missing_extra_is_one_clear_line_before_any_work"),
+    "missing-tensorboard": ("test_terminal", "test_log_tensorboard_without_the_package_is_one_line_before_any_work"),
 }
 
 

@@ -128,3 +128,24 @@ def test_non_tty_output_has_no_escape_codes(teacher_dir):
     assert done.returncode == 0, done.stderr
     assert "\x1b[" not in done.stdout + done.stderr
     assert "The student keeps 100.0% of teacher top-1" in done.stdout
+
+
+def test_eval_on_a_held_out_folder_and_on_a_named_split(cli, teacher_dir, tmp_path):
+    """A folder of class folders is evaluated as it is; --split test picks DATA/test/; without either, val/."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for split, count in (("train", 1), ("val", 1), ("test", 3)):
+        for index in range(10):
+            folder = root / split / f"class_{index}"
+            folder.mkdir(parents=True)
+            for n in range(count):
+                Image.new("RGB", (32, 32), (index * 25, n * 80, 0)).save(folder / f"{n}.png")
+    on_split = cli("eval", teacher_dir, "--data", root, "--split", "test", "--json")
+    held_out = cli("eval", teacher_dir, "--data", root / "test", "--json")
+    default = cli("eval", teacher_dir, "--data", root, "--json")
+    assert on_split.code == held_out.code == default.code == 0, (on_split.err, held_out.err, default.err)
+    assert on_split.json()["evaluation"]["samples"] == held_out.json()["evaluation"]["samples"] == 30
+    assert on_split.json()["student"]["top1"] == held_out.json()["student"]["top1"]
+    assert str(root / "test") in on_split.json()["run"]["data"]
+    assert default.json()["evaluation"]["samples"] == 10

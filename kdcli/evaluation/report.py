@@ -54,7 +54,8 @@ def write_report(out: Path, report: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plots = {"training": None, "reliability": RELIABILITY_PNG}
     if report.get("stages"):
-        training_plot(report["stages"], out / TRAINING_PNG)
+        references = {role: report[role]["top1"] for role in ("teacher", "baseline") if report.get(role)}
+        training_plot(report["stages"], out / TRAINING_PNG, references)
         plots["training"] = TRAINING_PNG
     reliability_plot({role: report[role]["reliability"] for role in ROLES if report.get(role)}, out / RELIABILITY_PNG)
     report = {**report, "plots": plots}
