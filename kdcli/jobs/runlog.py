@@ -67,7 +67,8 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.folder / TENSORBOARD_DIR), purge_step=len(self.rows) + 1)
-        self._write()
+        write_text(self.folder / METRICS_JSONL, "".join(_json_line(row) for row in self.rows))
+        self._write_csv()
 
     def __enter__(self) -> RunLog:
         return self
@@ -85,7 +86,13 @@ class RunLog:
     def epoch_done(self, record: EpochRecord) -> None:
         row = metrics_row(self.stage, len(self.rows) + 1, record)
         self.rows.append(row)
-        self._write()
+        path = self.folder / METRICS_JSONL
+        try:
+            with open(path, "a", encoding="utf-8") as jsonl:  # appended, so that `tail -f` follows it
+                jsonl.write(_json_line(row))
+        except OSError as err:
+            raise KdcliError(f"cannot write {path}: {err.strerror or err}; free space or choose another --out") from err
+        self._write_csv()
         if self.writer is not None:
             for key, value in row.items():
                 tag = key if key.startswith("loss/") else TAGS.get(key)
@@ -93,15 +100,19 @@ class RunLog:
                     self.writer.add_scalar(tag, value, row["global_epoch"])
             self.writer.flush()
 
-    def _write(self) -> None:
+    def _write_csv(self) -> None:
+        """Rewritten whole each epoch: a stage that adds a term adds a column."""
         rows = strict(self.rows)
-        write_text(self.folder / METRICS_JSONL, "".join(json.dumps(row) + "\n" for row in rows))
         columns = list(dict.fromkeys(key for row in rows for key in row))  # every term any stage has
         table = io.StringIO()
         writer = csv.DictWriter(table, columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         write_text(self.folder / METRICS_CSV, table.getvalue())
+
+
+def _json_line(row: dict) -> str:
+    return json.dumps(strict(row)) + "\n"
 
 
 class Listeners:
