@@ -235,7 +235,8 @@ def render_markdown(report: dict) -> str:
     evaluation = report["evaluation"]
     header = "| metric | " + " | ".join(role_name(report, role) for role in roles) + " |"
     rule = "|---|" + "---:|" * len(roles)
-    lines += ["## Metrics", "", f"On the validation split ({evaluation['samples']} images of {run['data']}).", "",
+    where = "the images" if report["kind"] == "eval" else "the validation split"  # eval: any split or folder
+    lines += ["## Metrics", "", f"On {where} ({evaluation['samples']} images of {run['data']}).", "",
               header, rule, *_metric_rows(report, roles), "",
               "## Cost", "", f"Measured on {evaluation['device']}, threads: {evaluation['threads']}; latency after "
               f"{student['latency']['warmup']} warm-up runs, then {student['latency']['runs']} runs interleaved with "
