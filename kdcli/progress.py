@@ -10,8 +10,10 @@ import time
 
 from rich.console import Console
 from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn,
+    TimeRemainingColumn,
 )
+from rich.text import Text
 
 from kdcli.training.engine import EpochRecord, StagePlan
 
@@ -115,6 +117,17 @@ class PlainProgress(Silent):
         self.say(f"{text} ...")
 
 
+class _Counted(ProgressColumn):
+    """A column shown for a task with a number of steps (a stage), blank for a phase (no total)."""
+
+    def __init__(self, column: ProgressColumn):
+        super().__init__()
+        self.column = column
+
+    def render(self, task):
+        return Text("") if task.total is None else self.column.render(task)
+
+
 class RichProgress(PlainProgress):
     """A live bar per stage (stage i/n, steps, ETA, img/s, running loss); the stage, epoch and phase lines printed
     above it; a spinner with the elapsed time for a phase."""
@@ -122,8 +135,8 @@ class RichProgress(PlainProgress):
     def __init__(self, label: str = "", verbose: bool = False):
         super().__init__(label, verbose)
         self.progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[speed]}"),
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), _Counted(MofNCompleteColumn()),
+            _Counted(TextColumn("ETA")), _Counted(TimeRemainingColumn()), TextColumn("{task.fields[speed]}"),
             TextColumn("{task.fields[loss]}"), TimeElapsedColumn(),
             console=Console(stderr=True), transient=False,
         )
