@@ -81,7 +81,7 @@ def _finish(job):
 def _show(report: dict, failed: QualityGateFailed | None, json_: bool, print_text) -> None:
     _print_json(report) if json_ else print_text()
     for role in ("student", "teacher", "baseline"):
-        if (report.get(role) or {}).get("non_finite_outputs"):
+        if isinstance(report.get(role), dict) and report[role].get("non_finite_outputs"):
             err_console.print(f"warning: the {role}'s outputs are not finite (NaN or infinite) on "
                               f"{report[role]['non_finite_outputs']} of {report['evaluation']['samples']} validation "
                               "images; its accuracy metrics are null", markup=False, soft_wrap=True)
