@@ -10,6 +10,7 @@ import yaml
 from rich.console import Console
 
 from kdcli import __version__
+from kdcli.clihelp import Command, Group, examples
 from kdcli.errors import KdcliError, QualityGateFailed, printable
 from kdcli.exits import err_console, report_error, run
 
@@ -17,11 +18,14 @@ app = typer.Typer(
     name="kdcli",
     help="Compress timm image classifiers by sequential multi-stage knowledge distillation.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    cls=Group,
+    rich_markup_mode="markdown",
 )
-recipe_app = typer.Typer(help="Validate, show and describe recipes.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Validate, show and describe recipes.", no_args_is_help=True, cls=Group,
+                         rich_markup_mode="markdown")
 app.add_typer(recipe_app, name="recipe")
 
 out_console = Console()
@@ -41,14 +45,22 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks (also accepted after any command)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress, run plan or notes on stderr; errors, warnings "
+                               "and the result only (also accepted after any command)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="more progress: in logs, a line about every tenth of "
+                                 "an epoch (loss, img/s, ETA) (also accepted after any command)"),
 ) -> None:
     """kdcli: teacher.safetensors + a timm student name -> a smaller student, timm-native, with a report."""
+
+
+VERBOSITY = {"-q": -1, "--quiet": -1, "-v": 1, "--verbose": 1}
+verbosity = 0  # set by main() from -q/--quiet or -v/--verbose anywhere on the command line
 
 
 def _progress(label: str = ""):
     from kdcli.progress import progress_for_terminal
 
-    return progress_for_terminal(label)
+    return progress_for_terminal(label, verbosity)
 
 
 def _print_json(data: dict) -> None:
@@ -107,7 +119,7 @@ def _flags(prefix: str, image_size, mean, std, interpolation):
 def _plan_shower():
     from kdcli.display import print_plan
 
-    return lambda plan: print_plan(plan, stderr=True)
+    return None if verbosity < 0 else lambda plan: print_plan(plan, stderr=True)
 
 
 def _dry_run(plan: dict, json_: bool) -> None:
@@ -120,9 +132,12 @@ BASELINE = typer.Option(None, "--baseline", help="a baseline checkpoint (e.g. th
 BASELINE_ARCH = typer.Option(None, "--baseline-arch", help="baseline architecture, if its weights do not say")
 MIN_TOP1 = typer.Option(None, "--min-top1", help="quality gate: exit 1 when student top-1 (%) is below this")
 MAX_DROP = typer.Option(None, "--max-drop", help="quality gate: exit 1 when teacher top-1 - student top-1 exceeds these points")
+LOG = typer.Option(None, "--log", help="also log to: tensorboard (needs pip install 'kdcli[tensorboard]'); "
+                   "metrics.jsonl and metrics.csv are always written, one row per epoch")
+FORCE = typer.Option(False, "--force", help="write into a non-empty --out")
 
 
-@app.command()
+@app.command(cls=Command, epilog=examples("distill"))
 def distill(
     teacher: str = typer.Argument(..., help="teacher: a .safetensors file, a timm folder, hf-hub:ORG/NAME or ARCH.TAG"),
     student: str = typer.Argument(..., help="student: a timm architecture (random init), ARCH.TAG or hf-hub:ORG/NAME "
@@ -146,13 +161,14 @@ def distill(
     allow_weak_teacher: bool = typer.Option(False, "--allow-weak-teacher", help="train even if the teacher scores "
                                             "at chance on the validation split or its label names differ"),
     device: str = DEVICE,
-    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    force: bool = FORCE,
     resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out (same inputs)"),
     baseline: str = BASELINE,
     baseline_arch: str = BASELINE_ARCH,
     min_top1: float = MIN_TOP1,
     max_drop: float = MAX_DROP,
     dry_run: bool = DRY_RUN,
+    log: list[str] = LOG,
     export: str = typer.Option(None, "--export", help="also export the student: onnx, int8, fp16, bf16 (comma-separated) "
                                "into OUT/export/; the gate applies to every exported file too"),
     json_: bool = JSON,
@@ -172,13 +188,14 @@ def distill(
         report, failed = _finish(lambda: train_student(
             plan, student, data, out, teacher_ref=teacher, choices=choices, device_name=device, force=force,
             resume=resume, listener=listener, baseline_ref=baseline, baseline_arch=baseline_arch,
-            min_top1=min_top1, max_drop=max_drop, dry_run=dry_run, show_plan=_plan_shower(), export=export))
+            min_top1=min_top1, max_drop=max_drop, dry_run=dry_run, show_plan=_plan_shower(), export=export,
+            log=log))
     if dry_run:
         return _dry_run(report, json_)
     _show(report, failed, json_, lambda: print_run(report, out))
 
 
-@app.command()
+@app.command(cls=Command, epilog=examples("train"))
 def train(
     arch: str = typer.Argument(..., help="a timm architecture (random init), ARCH.TAG or hf-hub:ORG/NAME (fine-tune "
                                "pretrained weights), or a .safetensors/folder to fine-tune"),
@@ -195,15 +212,16 @@ def train(
     interpolation: str = _interp_option("", "its"),
     reset_head: bool = RESET_HEAD,
     device: str = DEVICE,
-    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    force: bool = FORCE,
     resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out (same inputs)"),
     baseline: str = BASELINE,
     baseline_arch: str = BASELINE_ARCH,
     min_top1: float = MIN_TOP1,
     dry_run: bool = DRY_RUN,
+    log: list[str] = LOG,
     json_: bool = JSON,
 ) -> None:
-    """Plain supervised training, no teacher: for teachers and baselines."""
+    """Plain supervised training of ARCH, no teacher: for teachers and baselines."""
     from kdcli.display import print_run
     from kdcli.jobs.training import train_student
     from kdcli.training.recipe import load_recipe
@@ -222,17 +240,19 @@ def train(
         report, failed = _finish(lambda: train_student(
             plan, arch, data, out, choices=choices, device_name=device, force=force, resume=resume,
             listener=listener, kind="train", baseline_ref=baseline, baseline_arch=baseline_arch, min_top1=min_top1,
-            dry_run=dry_run, show_plan=_plan_shower()))
+            dry_run=dry_run, show_plan=_plan_shower(), log=log))
     if dry_run:
         return _dry_run(report, json_)
     _show(report, failed, json_, lambda: print_run(report, out))
 
 
-@app.command("eval")
+@app.command("eval", cls=Command, epilog=examples("eval"))
 def eval_(
     checkpoint: str = typer.Argument(..., help="a .safetensors file, a timm folder (fp32, fp16 or bf16), hf-hub:ORG/NAME, "
                                      "ARCH.TAG, or an .onnx file that kdcli export wrote"),
-    data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
+    data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (its val/ is used), a folder of class folders "
+                             "(a held-out set), CIFAR python folder, or 'synthetic'"),
+    split: str = typer.Option(None, "--split", help="evaluate on DATA/SPLIT/<class>/* instead, e.g. test"),
     arch: str = typer.Option(None, "--arch", help="architecture, if the weights do not say"),
     teacher: str = typer.Option(None, "--teacher", help="the teacher: agreement, retention, speed-up and size ratio"),
     teacher_arch: str = typer.Option(None, "--teacher-arch", help="teacher architecture, if its weights do not say"),
@@ -247,12 +267,14 @@ def eval_(
     baseline: str = BASELINE,
     baseline_arch: str = BASELINE_ARCH,
     out: Path = typer.Option(None, "--out", "-o", help="write report.json, report.md and reliability.png here"),
-    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    force: bool = FORCE,
     min_top1: float = MIN_TOP1,
     max_drop: float = MAX_DROP,
     threads: int = typer.Option(None, "--threads", max=1024, help="CPU threads for evaluation and timing [default: torch's]"),
-    batch_size: int = typer.Option(256, "--batch-size", min=1, max=65536),
-    workers: int = typer.Option(0, "--workers", min=0, max=64),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, max=65536, help="images per evaluation batch "
+                                   "(lower it when memory runs out)"),
+    workers: int = typer.Option(0, "--workers", min=0, max=64, help="data-loading worker processes (0: load in the "
+                                "main process)"),
     device: str = DEVICE,
     json_: bool = JSON,
 ) -> None:
@@ -260,16 +282,19 @@ def eval_(
     from kdcli.display import print_eval
     from kdcli.jobs.evaluation import eval_checkpoint
 
-    report, failed = _finish(lambda: eval_checkpoint(
-        checkpoint, data, arch, batch_size=batch_size, workers=workers, device_name=device, teacher_ref=teacher,
-        teacher_arch=teacher_arch, baseline_ref=baseline, baseline_arch=baseline_arch, out=out, force=force,
-        min_top1=min_top1, max_drop=max_drop, threads=threads,
-        flags=_flags("", image_size, mean, std, interpolation),
-        teacher_flags=_flags("teacher-", teacher_image_size, teacher_mean, teacher_std, teacher_interpolation)))
+    with _progress() as listener:
+        listener.phase(f"evaluating {printable(checkpoint)} on {printable(data)}, then timing it")
+        report, failed = _finish(lambda: eval_checkpoint(
+            checkpoint, data, arch, batch_size=batch_size, workers=workers, device_name=device, teacher_ref=teacher,
+            teacher_arch=teacher_arch, baseline_ref=baseline, baseline_arch=baseline_arch, out=out, force=force,
+            min_top1=min_top1, max_drop=max_drop, threads=threads,
+            flags=_flags("", image_size, mean, std, interpolation),
+            teacher_flags=_flags("teacher-", teacher_image_size, teacher_mean, teacher_std, teacher_interpolation),
+            split=split))
     _show(report, failed, json_, lambda: print_eval(report, checkpoint, out))
 
 
-@app.command("export")
+@app.command("export", cls=Command, epilog=examples("export"))
 def export_(
     student: str = typer.Argument(..., help="the student: a timm folder or .safetensors file (e.g. run1/student)"),
     format_: str = typer.Option(..., "--format", "-f", help="onnx, int8, fp16, bf16; several comma-separated: onnx,int8"),
@@ -286,7 +311,7 @@ def export_(
                                    "exceeds these points"),
     threads: int = typer.Option(None, "--threads", help="CPU threads for checking and timing (default: torch's)"),
     device: str = DEVICE,
-    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    force: bool = FORCE,
     json_: bool = JSON,
 ) -> None:
     """Export a student to ONNX, int8 ONNX (static quantisation), fp16 or bf16; check each file against it."""
@@ -300,14 +325,14 @@ def export_(
     _show(report, failed, json_, lambda: print_export(report, out))
 
 
-@app.command()
+@app.command(cls=Command, epilog=examples("demo"))
 def demo(
     out: Path = typer.Option(None, "--out", "-o", help="output folder [default: a new temporary folder]"),
     data: str = typer.Option("synthetic", "--data", "-d", help="data for all three runs"),
     teacher: str = typer.Option(None, "--teacher", help="teacher architecture [default: resnet10t]"),
     student: str = typer.Option(None, "--student", help="student architecture [default: test_resnet]"),
     device: str = DEVICE,
-    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    force: bool = FORCE,
     json_: bool = JSON,
 ) -> None:
     """Train a teacher, a baseline student and a distilled student on built-in data; compare them."""
@@ -326,7 +351,7 @@ def demo(
     print_demo(reports, out)
 
 
-@app.command()
+@app.command(cls=Command, epilog=examples("convert"))
 def convert(
     checkpoint: str = typer.Argument(..., help="a PyTorch/timm/Lightning checkpoint: .pth, .pth.tar, .pt, .bin, .ckpt "
                                      "(or .safetensors)"),
@@ -358,7 +383,7 @@ def convert(
     print_conversion(summary, checkpoint, out)
 
 
-@recipe_app.command("validate")
+@recipe_app.command("validate", cls=Command, epilog=examples("recipe validate"))
 def recipe_validate(
     files: list[str] = typer.Argument(..., help="recipe YAML files or built-in names"),
     set_: list[str] = SET,
@@ -381,7 +406,7 @@ def recipe_validate(
         raise typer.Exit(2)
 
 
-@recipe_app.command("show")
+@recipe_app.command("show", cls=Command, epilog=examples("recipe show"))
 def recipe_show(
     ref: str = typer.Argument(..., help="built-in name or YAML file"),
     set_: list[str] = SET,
@@ -392,7 +417,7 @@ def recipe_show(
     sys.stdout.write(load_recipe(ref, set_ or []).to_yaml())
 
 
-@recipe_app.command("list")
+@recipe_app.command("list", cls=Command, epilog=examples("recipe list"))
 def recipe_list() -> None:
     """The built-in recipes, usable by name with --recipe."""
     from kdcli.training.recipe import builtin_dir, builtin_names
@@ -402,7 +427,7 @@ def recipe_list() -> None:
         out_console.print(f"[bold]{name}[/bold]: {' '.join(str(raw.get('description', '')).split())}")
 
 
-@recipe_app.command("schema")
+@recipe_app.command("schema", cls=Command, epilog=examples("recipe schema"))
 def recipe_schema() -> None:
     """Print the recipe's JSON Schema (for editors and CI checks)."""
     from kdcli.training.recipe import recipe_schema as schema
@@ -410,7 +435,7 @@ def recipe_schema() -> None:
     _print_json(schema())
 
 
-@app.command()
+@app.command(cls=Command, epilog=examples("methods"))
 def methods(json_: bool = JSON) -> None:
     """The KD methods a recipe can use: parameters, defaults, and what each one taps."""
     from kdcli.display import print_methods
@@ -423,7 +448,7 @@ def methods(json_: bool = JSON) -> None:
     print_methods(rows)
 
 
-@app.command()
+@app.command(cls=Command, epilog=examples("inspect"))
 def inspect(
     model: str = typer.Argument(..., help="a timm architecture name, a .safetensors file / timm folder, "
                                 "hf-hub:ORG/NAME or ARCH.TAG"),
@@ -447,5 +472,8 @@ def inspect(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the app; returns the exit code (kdcli/exits.py)."""
-    return run(app, argv)
+    """Entry point: runs the app; returns the exit code (kdcli/exits.py). -q/-v are taken from anywhere."""
+    global verbosity
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbosity = sum(VERBOSITY.get(arg, 0) for arg in args)
+    return run(app, [arg for arg in args if arg not in VERBOSITY])

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from kdcli.evaluation.report import ROLES, headline, signed
+from kdcli.evaluation.report import ROLES, headline, role_name, signed
 
 out_console = Console()
 
@@ -46,7 +46,7 @@ def model_table(title: str, report: dict) -> Table:
     table = Table(title=title)
     table.add_column("")
     for role in roles:
-        table.add_column(role, justify="right")
+        table.add_column(role_name(report, role), justify="right")
     rows = [
         ("arch", [e["arch"] for e in entries]),
         ("top-1 %", [_cell(e["top1"]) for e in entries]),
@@ -56,8 +56,9 @@ def model_table(title: str, report: dict) -> Table:
         ("params", [f"{e['params'] / 1e6:.3f} M" for e in entries]),
         ("file", [f"{e['file_bytes'] / 2**20:.2f} MiB" if e.get("file_bytes") else "–" for e in entries]),
         ("MACs / image", [f"{e['macs'] / 1e6:.2f} M" for e in entries]),
-        ("latency @1 ms (p10–p90)", [_latency(e["latency"]) for e in entries]),
-        (f"img/s @{entries[0]['throughput']['batch']}", [_speed(e["throughput"], 0, "images_per_s") for e in entries]),
+        ("latency, batch 1, ms (p10–p90)", [_latency(e["latency"]) for e in entries]),
+        (f"img/s, batch {entries[0]['throughput']['batch']}",
+         [_speed(e["throughput"], 0, "images_per_s") for e in entries]),
         ("format, runtime", [f"{e['format']}, {_runtime(e)}" for e in entries]),
     ]
     comparison = report.get("comparison") or {}
@@ -89,7 +90,8 @@ def print_run(report: dict, out: Path) -> None:
     _unreliable_note([report[role] for role in ROLES if report.get(role)] + report.get("exports", []))
     _summary(report)
     where = out / "student" if report["kind"] == "distill" else out
-    out_console.print(f"student written to {where}; report in {out / 'report.md'}", markup=False)
+    out_console.print(f"{role_name(report, 'student')} written to {where}; report in {out / 'report.md'}",
+                      markup=False)
 
 
 def export_table(report: dict) -> Table:
@@ -108,8 +110,8 @@ def export_table(report: dict) -> Table:
         ("max |Δlogit| vs fp32", ["", *(f"{e['max_abs_logit_diff']:.2e}" for e in exports)]),
         ("agreement with fp32 %", ["", *(_cell(e["agreement_fp32"]) for e in exports)]),
         ("agreement with teacher %", [_cell(agree_teacher), *(_cell(e["agreement_teacher"]) for e in exports)]),
-        ("latency @1 ms (p10–p90)", [_latency(student["latency"]), *(_latency(e["latency"]) for e in exports)]),
-        (f"img/s @{student['throughput']['batch']}",
+        ("latency, batch 1, ms (p10–p90)", [_latency(student["latency"]), *(_latency(e["latency"]) for e in exports)]),
+        (f"img/s, batch {student['throughput']['batch']}",
          [_speed(student["throughput"], 0, "images_per_s"), *(_speed(e["throughput"], 0, "images_per_s")
                                                              for e in exports)]),
         ("runtime", [_runtime(student), *(_runtime(e) for e in exports)]),
@@ -218,7 +220,8 @@ def print_plan(plan: dict, stderr: bool = False) -> None:
         entry = plan[role]
         if entry is None:
             continue
-        say(f"  {role:<8} {entry['arch']} ({entry['ref']}): {entry['classes']} classes, "
+        label = "model" if role == "student" and plan["kind"] == "train" else role
+        say(f"  {label:<8} {entry['arch']} ({entry['ref']}): {entry['classes']} classes, "
             f"{entry['params'] / 1e6:.2f} M params; init: {entry['init']}")
         for line in _preprocessing_lines(entry["preprocessing"]):
             say(f"           {line}")
@@ -250,7 +253,7 @@ def _duration(seconds: float) -> str:
 
 def print_conversion(summary: dict, checkpoint: str, out: Path) -> None:
     say = lambda text: out_console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    say(f"converted {summary['tensors']} tensors from {summary['weights']} of {checkpoint}: {summary['arch']} "
+    say(f"converted {summary['tensors']} tensors from {summary['weights_at']} of {checkpoint}: {summary['arch']} "
         f"(from {summary['arch_from']}), {summary['num_classes']} classes, {summary['params'] / 1e6:.3f} M params "
         f"-> {out}")
     for line in _preprocessing_lines(summary["preprocessing"]):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import signal
 import sys
@@ -41,7 +40,6 @@ def _usage_error(err: typer.TyperException) -> str:
     if ctx is None:
         return message
     usage = " ".join(ctx.get_usage().split()).removeprefix("Usage: ")
-    usage = re.sub(r"\{(\w+)\}", lambda m: m.group(1).upper(), usage)  # typer shows arguments as {name}
     return f"{message}; usage: {usage} (see {ctx.command_path} --help)"
 
 

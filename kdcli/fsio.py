@@ -58,10 +58,14 @@ def encodable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+SIGNIFICANT_DIGITS = 8  # about float32's precision: 93.99999976158142 (a float32 top-1) is written 94.0
+
+
 def strict(data: object) -> object:
-    """data made strict JSON: NaN and infinities become null, strings encodable."""
+    """data made strict JSON: NaN and infinities become null, floats rounded to 8 significant digits (no float32
+    noise; timm's constants such as CLIP's mean 0.48145466 kept exactly), strings encodable."""
     if isinstance(data, float):
-        return data if math.isfinite(data) else None
+        return float(f"{data:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(data) else None
     if isinstance(data, str):
         return encodable(data)
     if isinstance(data, dict):

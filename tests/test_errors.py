@@ -308,6 +308,8 @@ def onnx_without_metadata(c):
 CASES = {
     # checkpoints
     "missing-file": (lambda c: c.distill(c.tmp / "nope.safetensors"), ["does not exist", ".safetensors"]),
+    "unknown-logger": (lambda c: c.distill(None, "test_efficientnet", "--log", "wandb"),
+                       ["--log wandb: unknown logger", "choose from tensorboard"]),
     "folder-without-weights": (lambda c: c.distill(c.folder("empty")), ["has no model.safetensors"]),
     "pickle-checkpoint": (lambda c: c.distill(c.file("teacher.pth", b"\x80\x02")), ["pickle", "kdcli convert"]),
     "corrupt-safetensors": (
@@ -439,6 +441,8 @@ CASES = {
         lambda c: c.distill(None, "test_vit", "--set", "data.image_size=8"), ["cannot take 8x8", "data.image_size"]),
     # data
     "missing-data": (lambda c: c.distill(data=str(c.tmp / "nodata")), ["data folder", "does not exist"]),
+    "eval-split-missing": (lambda c: ["eval", c.teacher, "--data", image_folder(c.tmp / "d"), "--split", "nope"],
+                           ["--split nope:", "is not a folder", "(e.g. test, val)"]),
     "data-is-a-file": (lambda c: c.distill(data=str(c.file("data.zip", b"PK"))), ["is a file"]),
     "empty-data-folder": (lambda c: c.distill(data=str(c.folder("data"))), ["has no train/ folder"]),
     "class-folder-without-images": (lambda c: c.distill(data=str(image_folder_missing_class(c))), ["has no images"]),
@@ -523,6 +527,7 @@ ELSEWHERE = {
     "missing-export-extra": ("test_export", "test_a_missing_extra_is_one_clear_line_before_any_work"),
     **{case: ("test_distributed", "test_bad_distributed_input_ends_every_process_alike")
        for case in ("batch-not-shared-evenly", "train-smaller-than-a-batch", "command-not-distributed")},
+    "missing-tensorboard": ("test_terminal", "test_log_tensorboard_without_the_package_is_one_line_before_any_work"),
 }
 
 
@@ -581,7 +586,7 @@ def test_debug_shows_the_traceback(cli, tmp_path):
 
 @pytest.mark.parametrize("args, fragments", [
     (["no-such-command"], ["no such command 'no-such-command'", "usage: kdcli [OPTIONS] COMMAND"]),
-    (["distill"], ["missing argument 'teacher'", "usage: kdcli distill [OPTIONS] TEACHER STUDENT"]),
+    (["distill"], ["missing argument 'TEACHER'", "usage: kdcli distill [OPTIONS] TEACHER STUDENT"]),
     (["eval", "x.safetensors"], ["missing option '--data'", "see kdcli eval --help"]),
     (["eval", "x", "--data", DATA, "--batch-size", "many"], ["invalid value for '--batch-size'", "usage: kdcli eval"]),
     (["recipe", "check"], ["no such command 'check'", "usage: kdcli recipe"]),

@@ -128,3 +128,49 @@ def test_non_tty_output_has_no_escape_codes(teacher_dir):
     assert done.returncode == 0, done.stderr
     assert "\x1b[" not in done.stdout + done.stderr
     assert "The student keeps 100.0% of teacher top-1" in done.stdout
+
+
+def test_eval_on_a_held_out_folder_and_on_a_named_split(cli, teacher_dir, tmp_path):
+    """A folder of class folders is evaluated as it is; --split test picks DATA/test/; without either, val/."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for split, count in (("train", 1), ("val", 1), ("test", 3)):
+        for index in range(10):
+            folder = root / split / f"class_{index}"
+            folder.mkdir(parents=True)
+            for n in range(count):
+                Image.new("RGB", (32, 32), (index * 25, n * 80, 0)).save(folder / f"{n}.png")
+    on_split = cli("eval", teacher_dir, "--data", root, "--split", "test", "--json")
+    held_out = cli("eval", teacher_dir, "--data", root / "test", "--json")
+    default = cli("eval", teacher_dir, "--data", root, "--json")
+    assert on_split.code == held_out.code == default.code == 0, (on_split.err, held_out.err, default.err)
+    assert on_split.json()["evaluation"]["samples"] == held_out.json()["evaluation"]["samples"] == 30
+    assert on_split.json()["student"]["top1"] == held_out.json()["student"]["top1"]
+    assert str(root / "test") in on_split.json()["run"]["data"]
+    assert default.json()["evaluation"]["samples"] == 10
+
+
+def test_plots_show_each_term_the_references_and_bin_counts(monkeypatch, tmp_path):
+    """training.png: each weighted term beside the total, teacher and baseline lines; reliability.png: % axes and
+    the number of images per bin."""
+    from kdcli.evaluation import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure))
+    record = lambda epoch, terms: {"epoch": epoch, "train_loss": sum(terms.values()), "terms": terms,  # noqa: E731
+                                   "val_top1": 40.0 + epoch, "lr": 0.1, "seconds": 1.0}
+    stages = [{"name": "kd", "epochs": 2, "history": [record(1, {"kd": 1.0}), record(2, {"kd": 0.8})]},
+              {"name": "kd-anchored", "epochs": 1, "history": [record(1, {"kd": 0.5, "anchor": 0.7})]}]
+    plots.training_plot(stages, tmp_path / "t.png", {"teacher": 71.5, "baseline": None})
+    top, bottom = figures[0].axes
+    assert {line.get_label() for line in bottom.lines} >= {"total", "kd", "anchor"}
+    anchor = next(line for line in bottom.lines if line.get_label() == "anchor")
+    assert list(anchor.get_xdata()) == [3] and list(anchor.get_ydata()) == [0.7]  # from the stage that adds it
+    assert "teacher 71.50%" in [line.get_label() for line in top.lines]
+    bins = [{"lower": i / 15, "upper": (i + 1) / 15, "count": c, "confidence": (i + 0.5) / 15 if c else None,
+             "accuracy": 0.5 if c else None} for i, c in enumerate([0] * 10 + [3, 0, 40, 7, 50])]
+    plots.reliability_plot({"student": bins}, tmp_path / "r.png")
+    diagram, counts = figures[1].axes
+    assert diagram.get_ylim() == (0, 100) and diagram.get_xlim() == (0, 100)
+    assert [bar.get_height() for bar in counts.patches] == [b["count"] for b in bins]

@@ -72,8 +72,8 @@ def finish(args):
 
 
 def outcome(out):
-    """What must be identical: every student weight, every accuracy metric of the report (not wall times,
-    latencies or throughputs, which differ between any two runs)."""
+    """What must be identical: every student weight, every accuracy metric of the report and every row of
+    metrics.jsonl (not wall times, latencies or throughputs, which differ between any two runs)."""
     weights = safetensors.torch.load_file(str(out / "student/model.safetensors"))
     report = json.loads((out / "report.json").read_text())
     accuracy = ("top1", "top5", "nll", "ece", "reliability", "params", "macs")
@@ -83,6 +83,8 @@ def outcome(out):
         "agreement": report["comparison"]["agreement"],
         "stages": [[(h["epoch"], h["train_loss"], h["terms"], h["val_top1"], h["lr"]) for h in s["history"]]
                    for s in report["stages"]],
+        "metrics.jsonl": [{k: v for k, v in json.loads(row).items() if k not in ("images_per_s", "seconds")}
+                          for row in (out / "metrics.jsonl").read_text().splitlines()],  # one row per epoch, no repeat
     }
     return weights, metrics
 

@@ -103,7 +103,7 @@ def test_during_the_demo_leaves_nothing(tmp_path):
     out = tmp_path / "demo"
     run = Watched([sys.executable, "-m", "kdcli", "demo", "--out", out, "--data", "synthetic:train=64,val=16",
                    "--teacher", "test_resnet"])
-    assert run.wait_until(lambda: "baseline: stage 0" in run.err), run.err  # the teacher is done, the baseline runs
+    assert run.wait_until(lambda: "baseline: stage 1/1" in run.err), run.err  # the teacher is done, the baseline runs
     run.process.send_signal(signal.SIGTERM)
     assert_interrupted(run.finish(), "while running the demo", "nothing was written")
     assert nothing_beside(out)

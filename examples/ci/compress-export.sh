@@ -2,7 +2,8 @@
 # One CI job from teacher to deployable files: distill, export to ONNX and int8, and fail the job when the student
 # or any exported file loses too much accuracy against the teacher (the gate applies to every exported file).
 #
-# Needs the export extra: pip install "kdcli[export]".
+# Needs the export extra: pip install ".[export]" in a checkout of kdcli, or
+# pip install "kdcli[export] @ git+https://github.com/ORG/kdcli@TAG" (a tag or commit pins the version).
 # Exit code: 0 every model passed the gate, 1 the gate failed (everything is still written), 2 bad input,
 # 130 interrupted.
 #
@@ -29,7 +30,8 @@ status=0
   --export "$EXPORT" "${gate[@]}" ${EXTRA[@]+"${EXTRA[@]}"} || status=$?
 
 if [[ -f "$OUT/report.md" && -n "${GITHUB_STEP_SUMMARY:-}" ]]; then
-  cat "$OUT/report.md" >> "$GITHUB_STEP_SUMMARY"  # the report, with one table per exported file
+  # the report, with one table per exported file; the plots are in the artifact, not beside the summary
+  sed -E 's/^!\[(.*)\]\((.*)\)$/*\1: `\2` in the kdcli-export artifact*/' "$OUT/report.md" >> "$GITHUB_STEP_SUMMARY"
 fi
 case "$status" in
   0) echo "student and exports passed: $OUT/export/ (report: $OUT/report.md)" ;;

@@ -148,24 +148,67 @@ def _list_image_folder(root: Path) -> DataSource:
         raise KdcliError(f"train/ and val/ in {root} have different class folders (differ: {', '.join(extra[:5])})")
     datasets, sizes, identity = {}, set(), {"classes": classes}
     for split, (folder, _) in splits.items():
-        files, labels = [], []
-        identity[split] = {}
-        for index, name in enumerate(classes):
-            found = _image_files(folder / name)
-            if not found:
-                raise KdcliError(
-                    f"class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...); "
-                    "add images or remove the folder"
-                )
-            sizes |= {image_size(path) for path, _ in found}  # every header before training (5000 PNGs: 0.2 s)
-            identity[split][name] = _listing_identity(folder / name, found)
-            files += [path for path, _ in found]
-            labels += [index] * len(found)
-        datasets[split] = FileImages(files, labels)
+        datasets[split], identity[split] = _read_classes(folder, classes, sizes)
     desc = f"ImageFolder {root} ({len(datasets['train'])} train / {len(datasets['val'])} val, {len(classes)} classes)"
     native, note = _native_size(sizes)
     return DataSource(desc, datasets["train"], datasets["val"], classes, native_size=native, sizes=note,
                       identity=identity)
+
+
+def _read_classes(folder: Path, classes: list[str], sizes: set) -> tuple[FileImages, dict]:
+    """The images of folder/<class>/ for each class (labels in that order), and the listing's identity; adds the
+    images' sizes to `sizes`."""
+    files, labels, identity = [], [], {}
+    for index, name in enumerate(classes):
+        found = _image_files(folder / name)
+        if not found:
+            raise KdcliError(
+                f"class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...); "
+                "add images or remove the folder"
+            )
+        sizes |= {image_size(path) for path, _ in found}  # every header before training (5000 PNGs: 0.2 s)
+        identity[name] = _listing_identity(folder / name, found)
+        files += [path for path, _ in found]
+        labels += [index] * len(found)
+    return FileImages(files, labels), identity
+
+
+def open_eval_data(spec: str, split: str | None = None) -> DataSource:
+    """What `kdcli eval` measures on (the DataSource's val): the val split of `spec`; with split, the class folders
+    in spec/split (e.g. test/); a folder of class folders itself when it has no train/ or val/ (a held-out set)."""
+    root = Path(spec)
+    if split is None:
+        held_out = not is_synthetic(spec) and root.is_dir() and not (root / "train").is_dir() and not _is_cifar(root)
+        if not held_out:
+            return open_data(spec)
+        folder = root / "val" if (root / "val").is_dir() else root
+    else:
+        if is_synthetic(spec) or _is_cifar(root):
+            raise KdcliError(f"--split {split}: {spec} has fixed splits (eval uses its test/val split); pass --split "
+                             "only with an image folder")
+        folder = root / split
+        if not folder.is_dir():
+            raise KdcliError(f"--split {split}: {folder} is not a folder; pass the name of a folder of class folders "
+                             f"in {spec} (e.g. test, val)")
+    try:
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise KdcliError(f"{folder} has no class folders; eval needs <class name>/ folders of images there "
+                             "(or train/ and val/)")
+        sizes: set = set()
+        images, identity = _read_classes(folder, classes, sizes)
+    except OSError as err:
+        raise KdcliError(f"cannot read the data folder {err.filename or folder} ({err.strerror or err}); check its "
+                         "permissions") from err
+    native, note = _native_size(sizes)
+    desc = f"ImageFolder {folder} ({len(images)} images, {len(classes)} classes)"
+    return DataSource(desc, FileImages([], []), images, classes, native_size=native, sizes=note,
+                      identity={"classes": classes, "eval": identity})
+
+
+def _is_cifar(root: Path) -> bool:
+    return any((root / name).is_dir() for name in ("cifar-10-batches-py", "cifar-100-python")) or \
+        (root / "data_batch_1").is_file() or ((root / "train").is_file() and (root / "meta").is_file())
 
 
 def _native_size(sizes: set[tuple[int, int]]) -> tuple[int | None, str]:

@@ -54,7 +54,8 @@ def write_report(out: Path, report: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plots = {"training": None, "reliability": RELIABILITY_PNG}
     if report.get("stages"):
-        training_plot(report["stages"], out / TRAINING_PNG)
+        references = {role: report[role]["top1"] for role in ("teacher", "baseline") if report.get(role)}
+        training_plot(report["stages"], out / TRAINING_PNG, references)
         plots["training"] = TRAINING_PNG
     reliability_plot({role: report[role]["reliability"] for role in ROLES if report.get(role)}, out / RELIABILITY_PNG)
     report = {**report, "plots": plots}
@@ -85,11 +86,18 @@ def _times(ratio: float, better: str, worse: str) -> str:
     return f"**{ratio:.1f}×** {better}" if ratio >= 1 else f"**{1 / ratio:.1f}×** {worse}"
 
 
+def role_name(report: dict, role: str) -> str:
+    """'model' for the trained or evaluated model when no teacher makes it a student (kdcli train, eval alone)."""
+    if role == "student" and report["kind"] in ("train", "eval") and not report.get("teacher"):
+        return "model"
+    return role
+
+
 def headline(report: dict) -> str:
     """'The student keeps 97.4% of teacher top-1 with 5.2× fewer parameters, 3.1× faster at batch 1.'"""
     student, teacher, baseline, c = report["student"], report.get("teacher"), report.get("baseline"), report["comparison"]
     if student["top1"] is None:
-        return (f"The student's outputs are not finite (NaN or infinite) on {student['non_finite_outputs']} of "
+        return (f"The {role_name(report, 'student')}'s outputs are not finite (NaN or infinite) on {student['non_finite_outputs']} of "
                 f"{report['evaluation']['samples']} validation images: its accuracy cannot be measured.")
     if teacher and c["retention"] is not None:
         text = (f"The student keeps **{c['retention']:.1f}%** of teacher top-1 ({student['top1']:.2f} vs "
@@ -103,7 +111,7 @@ def headline(report: dict) -> str:
         if not c["speedup"]:
             text += f"; speed at batch 1 {NOT_RELIABLE}"
     else:
-        text = f"The student ({student['arch']}) reaches **{student['top1']:.2f}%** top-1"
+        text = f"The {role_name(report, 'student')} ({student['arch']}) reaches **{student['top1']:.2f}%** top-1"
     if baseline and c["gain"]["top1"] is not None:
         gain = c["gain"]["top1"]
         text += f"; {abs(gain):.2f} top-1 points {'above' if gain >= 0 else 'below'} the baseline ({baseline['top1']:.2f})"
@@ -218,16 +226,17 @@ def render_markdown(report: dict) -> str:
                            if gate[k] is not None)
         lines += [f"Quality gate ({bounds}): {verdict}", ""]
     if report.get("stages"):
-        lines += ["## Stages", "", "| # | stage | epochs | anchor | student top-1 after (%) | wall time |",
+        lines += ["## Stages", "", "| # | stage | epochs | anchor | val top-1 after (%) | wall time |",
                   "|---:|---|---:|---|---:|---:|"]
         for i, stage in enumerate(report["stages"]):
             lines.append(f"| {i} | {stage['name']} | {stage['epochs']} | {stage['anchor']} | "
                          f"{_num(stage['val_top1'])} | {stage['seconds']:.1f} s |")
         lines.append("")
     evaluation = report["evaluation"]
-    header = "| metric | " + " | ".join(roles) + " |"
+    header = "| metric | " + " | ".join(role_name(report, role) for role in roles) + " |"
     rule = "|---|" + "---:|" * len(roles)
-    lines += ["## Metrics", "", f"On the validation split ({evaluation['samples']} images of {run['data']}).", "",
+    where = "the images" if report["kind"] == "eval" else "the validation split"  # eval: any split or folder
+    lines += ["## Metrics", "", f"On {where} ({evaluation['samples']} images of {run['data']}).", "",
               header, rule, *_metric_rows(report, roles), "",
               "## Cost", "", f"Measured on {evaluation['device']}, threads: {evaluation['threads']}; latency after "
               f"{student['latency']['warmup']} warm-up runs, then {student['latency']['runs']} runs interleaved with "

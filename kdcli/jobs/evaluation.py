@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from kdcli import distributed
-from kdcli.data import open_data
+from kdcli.data import open_eval_data
 from kdcli.errors import KdcliError
 from kdcli.evaluation.assess import assess, run_info
 from kdcli.evaluation.gate import check_gate_options, enforce, gate_result
@@ -38,6 +38,7 @@ def eval_checkpoint(
     threads: int | None = None,
     flags: Layer | None = None,
     teacher_flags: Layer | None = None,
+    split: str | None = None,
 ) -> dict:
     """Assess a checkpoint (against a teacher and a baseline, if given); with out, write the report there.
     Applies the gate last: QualityGateFailed carries the finished report."""
@@ -49,7 +50,7 @@ def eval_checkpoint(
     outputs = Outputs(Path(out), force=force, data=data_spec, inputs=inputs, phase="evaluating") if writes else None
     with outputs or nullcontext():
         report = _evaluate(ref, data_spec, arch, batch_size, workers, device_name, teacher_ref, teacher_arch,
-                           baseline_ref, baseline_arch, threads, flags, teacher_flags)
+                           baseline_ref, baseline_arch, threads, flags, teacher_flags, split)
         report["gate"] = gate_result(report, min_top1, max_drop)
         if outputs:
             report = write_report(outputs.folder, report)
@@ -61,13 +62,13 @@ def eval_checkpoint(
 
 def _evaluate(ref: str, data_spec: str, arch: str | None, batch_size: int, workers: int, device_name: str,
               teacher_ref: str | None, teacher_arch: str | None, baseline_ref: str | None, baseline_arch: str | None,
-              threads: int | None, flags: Layer | None, teacher_flags: Layer | None) -> dict:
+              threads: int | None, flags: Layer | None, teacher_flags: Layer | None, split: str | None) -> dict:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:
         started = time.perf_counter()
         device = resolve_device(device_name)
-        source = open_data(data_spec)
+        source = open_eval_data(data_spec, split)
         student = subject(ref, arch, "checkpoint", "--arch", source, flags)
         teacher = subject(teacher_ref, teacher_arch, "teacher", "--teacher-arch", source, teacher_flags) \
             if teacher_ref else None

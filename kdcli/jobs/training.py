@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 from pathlib import Path
 
 import torch
@@ -26,9 +27,10 @@ from kdcli.jobs.export import check_request, exported_subjects, write_exports
 from kdcli.jobs.outputs import RECIPE_NAME, Outputs, public
 from kdcli.jobs.plan import ModelChoices, TeacherCheck, build_plan, check_teacher, resolve_models
 from kdcli.jobs.resume import check_same_run, identity, open_resume
+from kdcli.jobs.runlog import Listeners, RunLog, check_loggers
 from kdcli.models.checkpoint import LoadedModel, save_timm_folder
 from kdcli.models.preprocessing import recipe_layer, teacher_input
-from kdcli.training.engine import Listener, StopRequested, Term, TrainingData
+from kdcli.training.engine import EpochRecord, Listener, StopRequested, Term, TrainingData
 from kdcli.training.pipeline import Checkpoint, Models, StageOutcome, check_plan, restore_models, run_stages
 from kdcli.training.recipe import Recipe
 from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals, restoring
@@ -62,17 +64,34 @@ class Run:
     def student_folder(self) -> Path:
         return self.out / "student" if self.kind == "distill" else self.out
 
+    def earlier_epochs(self) -> list[tuple[int, EpochRecord]]:
+        """(stage index, record) of every epoch the checkpoint resumed from has run."""
+        state = self.checkpoint.state
+        if state is None:
+            return []
+        done = [(index, EpochRecord(**r)) for index, o in enumerate(state["done"]) for r in o["history"]]
+        return done + [(state["position"]["stage"], EpochRecord(**r)) for r in state["history"]]
 
-def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *, listener: Listener,
-                  force: bool = False, resume: bool = False, export: str | None = None, **options) -> dict:
+
+class RunListener(Listener, Protocol):
+    """What train_student tells: the engine's events, and the phases after training (Protocol)."""
+
+    def phase(self, text: str) -> None: ...
+
+
+def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *, listener: RunListener,
+                  force: bool = False, resume: bool = False, export: str | None = None, log: list[str] = (),
+                  **options) -> dict:
     """distill (with teacher_ref) or train (without): the whole run. Its files are written beside --out and
     moved into place when it succeeds (jobs/outputs.py); a run that stops keeps what --resume needs. A dry run
-    writes nothing and returns the run plan. export: formats to export the student to (distill --export). Under
-    torchrun only rank 0 holds the outputs (the others only know where they are)."""
+    writes nothing and returns the run plan. export: formats to export the student to (distill --export);
+    log: loggers beside metrics.jsonl/csv (tensorboard). Under torchrun only rank 0 holds the outputs (the others
+    only know where they are)."""
     formats = check_request(export, has_data=True, flag="--export")
     if formats and distributed.world_size() > 1:  # the files would exist on rank 0's machine alone
         raise KdcliError("--export is not available under torchrun; export the student afterwards in one "
                          "process: kdcli export OUT/student --format ... --data ...")
+    loggers = check_loggers(log)
     if options.get("dry_run"):
         folder = Outputs(Path(out)).folder if resume else Path(out)  # where a resumed run's state is
         return prepare(recipe, student_ref, data_spec, folder, resume=resume, **options).plan
@@ -82,8 +101,10 @@ def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *
     with outputs if distributed.is_writer() else nullcontext(outputs):
         run = prepare(recipe, student_ref, data_spec, outputs.folder, resume=resume, **options)
         outputs.phase = "training"
-        outcomes = train(run, listener)
+        with RunLog(run.out, run.earlier_epochs(), loggers) as run_log:
+            outcomes = train(run, Listeners(run_log, listener))  # the file first: a printed epoch is on disk
         outputs.phase = "writing and evaluating the student"
+        listener.phase(_final_phase(run, formats))
         report = finish(run, outcomes, formats)
     enforce(report)
     return report
@@ -197,6 +218,13 @@ def train(run: Run, listener: Listener) -> list[StageOutcome]:
     if signals.received is not None:  # arrived after the last step: the state is saved, the outputs are not
         raise SignalReceived(signals.received)
     return outcomes
+
+
+def _final_phase(run: Run, formats: list[str]) -> str:
+    models = ["the student" if run.kind == "distill" else "the model", *(f"its {f} export" for f in formats),
+              *(["the teacher"] if run.teacher else []), *(["the baseline"] if run.baseline else [])]
+    return (f"evaluating {', '.join(models)} on the {len(run.source.val)} validation images, then timing them "
+            f"on {run.device.type}")
 
 
 def finish(run: Run, outcomes: list[StageOutcome], export_formats: list[str] = ()) -> dict:

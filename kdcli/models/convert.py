@@ -156,7 +156,8 @@ def convert_checkpoint(src: str, arch: str | None, out: Path, flags: Layer, ema:
         save_timm_folder(folder, loaded, resolved.config, None, {"converted_from": path.name})
     other = [k for k in ("state_dict", *EMA_WRAPPERS) if k != found and isinstance((content or {}).get(k), dict)]
     return {
-        "source": str(path), "weights": where, "arch": arch, "arch_from": arch_from, "num_classes": num_classes,
+        "source": str(path), "weights": found, "prefix": prefix, "weights_at": where, "arch": arch,
+        "arch_from": arch_from, "num_classes": num_classes,
         "params": count_params(model), "tensors": len(tensors), "out": str(out / WEIGHTS_NAME),
         "preprocessing": resolved.summary(), "also_in_file": other,
     }

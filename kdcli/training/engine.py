@@ -42,6 +42,7 @@ class StagePlan:
     sources: dict[str, Source]  # by name, every source the terms read
     optimizer: OptimizerSettings
     schedule: ScheduleSettings
+    stages: int = 1  # how many stages the run has (for progress: stage index+1 of stages)
 
     def needs(self) -> Needs:
         """What the stage's losses read, per model: the union of their needs."""
@@ -62,6 +63,13 @@ class EpochRecord:
     val_top1: float
     lr: float  # the learning rate of the epoch's last step
     seconds: float
+    images: int = 0  # training images of the epoch (those run in this process, after a mid-epoch resume)
+    train_seconds: float = 0.0  # time of the training steps alone, without validation
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Training throughput of the epoch (forward and backward, every source included)."""
+        return self.images / self.train_seconds if self.images and self.train_seconds > 0 else None
 
 
 @dataclass
@@ -93,7 +101,7 @@ class TrainingData:
 
 class Listener(Protocol):
     def stage_started(self, plan: StagePlan, steps_per_epoch: int) -> None: ...
-    def step_done(self) -> None: ...
+    def step_done(self, images: int, loss: float) -> None: ...  # a step on `images` images, its total loss
     def epoch_done(self, record: EpochRecord) -> None: ...
 
 
@@ -209,6 +217,7 @@ class StageRunner:
             module.train()
         loader = train_loader(data.view, data.batch_size, self.order_seed, plan.index, epoch, data.workers, first_step)
         lr = self.optimizer.param_groups[0]["lr"]
+        images_run = 0
         for step, (images, labels, samples) in enumerate(loader, start=first_step):
             if distributed.check(control.stop_requested()):  # every process stops at the same step
                 sums = self._summed(sums)
@@ -229,10 +238,15 @@ class StageRunner:
             self.optimizer.zero_grad(set_to_none=True)
             self.precision.backward(loss, self.optimizer)
             self.schedule.step()
+            step_loss = 0.0
             for name, value in terms.items():
-                sums.terms[name] = sums.terms.get(name, 0.0) + value.item() * len(labels)
+                value = value.item()
+                step_loss += value
+                sums.terms[name] = sums.terms.get(name, 0.0) + value * len(labels)
             sums.seen += len(labels)
-            self.listener.step_done()
+            images_run += len(labels) * distributed.world_size()  # every process's share of the step
+            self.listener.step_done(len(labels) * distributed.world_size(), step_loss)
+        train_seconds = time.perf_counter() - started
         distributed.average_buffers(plan.trained())
         sums = self._summed(sums)
         val_logits, val_labels = predict(plan.student, data.val_loader, self.device)
@@ -244,6 +258,8 @@ class StageRunner:
             val_top1=topk_accuracy(val_logits, val_labels, 1),
             lr=lr,
             seconds=sums.seconds + time.perf_counter() - started,
+            images=images_run,
+            train_seconds=train_seconds,
         )
 
     def _summed(self, sums: EpochSums) -> EpochSums:

@@ -99,7 +99,7 @@ def stage_plan(recipe: Recipe, index: int, terms: list[Term], models: Models) ->
     return StagePlan(
         index=index, name=stage.name, epochs=stage.epochs, student=models.student, terms=terms,
         sources=sources.build(index, [name for name in needs if name != STUDENT], models),
-        optimizer=stage.optimizer, schedule=stage.schedule,
+        optimizer=stage.optimizer, schedule=stage.schedule, stages=len(recipe.stages),
     )
 
 
