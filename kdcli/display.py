@@ -91,6 +91,23 @@ def print_demo(reports: dict, out: Path) -> None:
                       markup=False, highlight=False, soft_wrap=True)
 
 
+def print_ablation(summary: dict, out: Path) -> None:
+    seeds = len(summary["inputs"]["seeds"])
+    table = Table(title=f"kdcli ablate: {summary['student']['arch']} on {summary['data']}, {seeds} seed(s)")
+    for column in ("cell", "what", "epochs", "top-1 %", "vs alone", "vs KD", "time"):
+        table.add_column(column, justify="left" if column in ("cell", "what", "epochs") else "right")
+    for row in summary["cells"]:
+        top1 = f"{row['top1_mean']:.2f}" + ("" if row["top1_std"] is None else f" ± {row['top1_std']:.2f}")
+        signed = ["–" if row[k] is None else f"{row[k]:+.2f}" for k in ("vs_alone", "vs_kd")]
+        table.add_row(row["cell"], row["what"], row["epochs"], top1, *signed, f"{row['train_seconds_mean']:.0f}s")
+    out_console.print(table)
+    teachers = "; ".join(f"{t['arch']} {t['top1']:.2f}%" for t in summary["teachers"])
+    if teachers:
+        out_console.print(f"teacher top-1: {teachers}", markup=False, highlight=False, soft_wrap=True)
+    out_console.print(f"best: {summary['best']}; report in {out / 'report.md'}", markup=False, highlight=False,
+                      soft_wrap=True)
+
+
 def print_methods(rows: list[dict]) -> None:
     from kdcli.models.inspection import brief
 

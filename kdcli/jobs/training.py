@@ -21,9 +21,12 @@ from kdcli.evaluation.gate import check_gate_options, enforce, gate_result
 from kdcli.evaluation.report import stage_entry, stamp, write_report
 from kdcli.fsio import write_text
 from kdcli.jobs.common import check_out, probe, resolve_device, subject
-from kdcli.jobs.plan import ModelChoices, TeacherCheck, build_plan, check_teacher, resolve_models
+from kdcli.jobs.plan import (
+    ModelChoices, ResolvedModels, TeacherCheck, build_plan, check_teacher, resolve_models, teacher_entries,
+)
 from kdcli.jobs.resume import check_same_run, identity, open_resume
-from kdcli.models.checkpoint import LoadedModel, save_timm_folder
+from kdcli.models.checkpoint import LoadedModel, build, open_source, save_timm_folder
+from kdcli.models.init_from_teacher import describe, init_from_teacher
 from kdcli.models.preprocessing import recipe_layer, teacher_input
 from kdcli.training.engine import Listener, StopRequested, Term, TrainingData
 from kdcli.training.pipeline import Checkpoint, Models, StageOutcome, check_plan, restore_models, run_stages
@@ -54,6 +57,7 @@ class Run:
     started: float
     teacher_check: TeacherCheck | None = None  # the teacher's validation predictions, reused by the report
     plan: dict | None = None
+    teachers: list[dict] | None = None  # with several teachers: each one's ref, arch, weight and top-1
 
     @property
     def student_folder(self) -> Path:
@@ -84,6 +88,9 @@ def prepare(
     out: Path,
     *,
     teacher_ref: str | None = None,
+    extra_teachers: list[str] = (),
+    teacher_weights: list[float] | None = None,
+    init_from: str | None = None,
     teacher_arch: str | None = None,
     student_arch: str | None = None,
     choices: ModelChoices | None = None,
@@ -110,11 +117,19 @@ def prepare(
     source = open_data(data_spec)
     settings = recipe.data
     from_recipe = recipe_layer(settings.image_size, settings.mean, settings.std)
-    resolved = resolve_models(student_ref, teacher_ref, source, choices, from_recipe, recipe.seed)
+    resolved = resolve_models(student_ref, teacher_ref, source, choices, from_recipe, recipe.seed, extra_teachers)
     teacher, student, config = resolved.teacher, resolved.student, resolved.student_pre.config
+    if init_from is not None:
+        start_from_teacher(resolved, init_from, teacher_ref, student_ref, choices)
+    weights = teacher_weights or [1 / (1 + len(extra_teachers))] * (1 + len(extra_teachers))
+    teacher_id = identity(teacher, teacher_ref)
+    if extra_teachers:
+        ids = [teacher_id, *(identity(t, ref) for (t, _), ref in zip(resolved.more_teachers, extra_teachers))]
+        teacher_id = [[one, weight] for one, weight in zip(ids, weights)]
     fingerprint = {
         "kind": kind, "recipe": recipe.to_dict(), "data": source.description,
-        "teacher": identity(teacher, teacher_ref), "student": identity(student, student_ref),
+        "teacher": teacher_id, "student": identity(student, student_ref),
+        **({"init_from": init_from} if init_from else {}),
     }
     if state is not None:  # before the teacher check: other inputs are the likelier and cheaper mistake
         check_same_run(out, state["fingerprint"], fingerprint)
@@ -129,6 +144,17 @@ def prepare(
         check = check_teacher(teacher, resolved.teacher_pre, source, device, settings.eval_batch_size,
                               settings.workers, choices.allow_weak_teacher)
         adapter = teacher_input(config, teacher_config)
+    more_teachers, teachers = [], None
+    if extra_teachers:
+        checks = [check]
+        for loaded, pre in resolved.more_teachers:
+            loaded.model.to(device).eval().requires_grad_(False)
+            probe(loaded, pre.config.image_size, "teacher", device)
+            checks.append(check_teacher(loaded, pre, source, device, settings.eval_batch_size, settings.workers,
+                                        choices.allow_weak_teacher))
+            more_teachers.append((loaded.model, teacher_input(config, pre.config).to(device)))
+        teachers = teacher_entries([teacher_ref, *extra_teachers], [teacher, *(t for t, _ in resolved.more_teachers)],
+                                   checks, weights)
     data = TrainingData(
         view=TrainView(source.train, config, settings.augment.hflip, settings.augment.crop, recipe.seed),
         val_loader=eval_loader(EvalView(source.val, config), settings.eval_batch_size, settings.workers),
@@ -136,16 +162,33 @@ def prepare(
     )
     teacher_in = adapter.to(device) if adapter is not None else (lambda x: x)
     models = Models(student.model, resolved.started_from_weights, teacher.model if teacher else None,
-                    config.image_size, teacher_in)
+                    config.image_size, teacher_in, more_teachers, weights if extra_teachers else None)
     all_terms = check_plan(recipe, models)
     plan = build_plan(kind, recipe, source, resolved, student_ref, teacher_ref, check, data.view, device)
+    if teachers:
+        plan["teachers"] = teachers
     if show_plan is not None and not dry_run:
         show_plan(plan)
     checkpoint = Checkpoint(out / CHECKPOINT_NAME, fingerprint, tensors=tensors, state=state)
     if checkpoint.resuming:
         restore_models(checkpoint, models, all_terms)
     return Run(kind, recipe, out, device, source, student, config, teacher, teacher_config, baseline, models,
-               all_terms, data, checkpoint, min_top1, max_drop, started, check, plan)
+               all_terms, data, checkpoint, min_top1, max_drop, started, check, plan, teachers)
+
+
+def start_from_teacher(resolved: ResolvedModels, init_from: str, teacher_ref: str | None, student_ref: str,
+                       choices: ModelChoices) -> None:
+    """--init-from-teacher: copy what fits of the teacher into the fresh student; the plan and report say what."""
+    if resolved.started_from_weights:
+        raise KdcliError(f"--init-from-teacher starts a fresh student from the teacher, but the student {student_ref} "
+                         "is a checkpoint; pass an architecture name as STUDENT, or drop --init-from-teacher")
+    teacher = resolved.teacher if resolved.teacher is not None and init_from == teacher_ref else \
+        build(open_source(init_from, choices.teacher_arch, "teacher", "--teacher-arch"))
+    student = resolved.student
+    summary = init_from_teacher(student.model, teacher.model, student.arch, teacher.arch)
+    student.init = describe(summary)
+    resolved.started_from_weights = True  # a first-stage anchor may hold the student to these weights
+    resolved.init_from_teacher = summary
 
 
 def train(run: Run, listener: Listener) -> list[StageOutcome]:
@@ -183,6 +226,7 @@ def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
         "recipe": {"name": run.recipe.name, "hash": run.recipe.digest(), "resolved": run.recipe.to_dict()},
         "stages": [stage_entry(o) for o in outcomes],
         **evaluation,
+        **({"teachers": run.teachers} if run.teachers else {}),
         "plan": run.plan,
     })
     report["gate"] = gate_result(report, run.min_top1, run.max_drop)
