@@ -29,6 +29,7 @@ from kdcli.models.checkpoint import LoadedModel, build, open_source, save_timm_f
 from kdcli.models.init_from_teacher import describe, init_from_teacher
 from kdcli.models.preprocessing import recipe_layer, teacher_input
 from kdcli.training.engine import Listener, StopRequested, Term, TrainingData
+from kdcli.training.sources import identity as identity_input
 from kdcli.training.pipeline import Checkpoint, Models, StageOutcome, check_plan, restore_models, run_stages
 from kdcli.training.recipe import Recipe
 from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals
@@ -152,7 +153,8 @@ def prepare(
             probe(loaded, pre.config.image_size, "teacher", device)
             checks.append(check_teacher(loaded, pre, source, device, settings.eval_batch_size, settings.workers,
                                         choices.allow_weak_teacher))
-            more_teachers.append((loaded.model, teacher_input(config, pre.config).to(device)))
+            prepare = teacher_input(config, pre.config)
+            more_teachers.append((loaded.model, prepare.to(device) if prepare is not None else identity_input))
         teachers = teacher_entries([teacher_ref, *extra_teachers], [teacher, *(t for t, _ in resolved.more_teachers)],
                                    checks, weights)
     data = TrainingData(

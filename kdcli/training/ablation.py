@@ -49,12 +49,18 @@ def stage_lengths(base: Recipe, epochs: int | None) -> list[int]:
     total = sum(lengths)
     if epochs is None or epochs == total:
         return lengths
-    later = [max(1, round(n * epochs / total)) for n in lengths[1:]]
-    first = epochs - sum(later)
-    if first < 1:
+    scaled = _scaled(lengths, epochs)
+    if scaled is None:
+        least = next(n for n in range(len(lengths), total + 1) if _scaled(lengths, n))
         raise KdcliError(f"--epochs {epochs} is too few for the {len(lengths)} stages of recipe '{base.name}' "
-                         f"({'+'.join(map(str, lengths))}); pass --epochs {len(lengths) + sum(later) - 1} or more")
-    return [first, *later]
+                         f"({'+'.join(map(str, lengths))}); pass --epochs {least} or more")
+    return scaled
+
+
+def _scaled(lengths: list[int], epochs: int) -> list[int] | None:
+    later = [max(1, round(n * epochs / sum(lengths))) for n in lengths[1:]]
+    first = epochs - sum(later)
+    return [first, *later] if first >= 1 else None
 
 
 def _plain(stage: dict) -> dict:
