@@ -173,6 +173,10 @@ def print_plan(plan: dict, stderr: bool = False) -> None:
                 say(f"           val top-1 {check['top1']:.1f}% (chance {check['chance']:.1f}%, needs "
                     f"{check['threshold']:.1f}%): {check['result']}")
             say(f"           gets {entry['input']}")
+    for number, teacher in enumerate(plan.get("teachers") or []):
+        which = "ensemble" if teacher["weight"] is None else f"teacher.{number}"
+        weight = "" if teacher["weight"] is None else f", logit weight {teacher['weight']:g}"
+        say(f"  {which:<8} {teacher['arch']} ({teacher['ref']}): val top-1 {teacher['top1']:.1f}%{weight}")
     steps = plan["steps"]
     say(f"  steps    {steps['per_epoch']} per epoch x {steps['epochs']} epochs = {steps['total']} steps of "
         f"{steps['batch_size']} images")
