@@ -126,6 +126,16 @@ def test_several_teachers_through_distill(cli, teacher_dir, tmp_path):
     assert "teacher.1" in result.err  # the stage says what it reads
     assert report["plan"]["teachers"] == teachers
 
+    ablation = cli("ablate", teacher_dir, "test_resnet", "--teacher", second, "--data", DATA, "--seeds", "1",
+                   "--epochs", "3", "--cells", "kd,multi-teacher", "--out", tmp_path / "ablation",
+                   "--allow-weak-teacher", "--json")
+    assert ablation.code == 0, ablation.err
+    summary = ablation.json()
+    assert [t["weight"] for t in summary["teachers"]] == [0.5, 0.5, None]  # each teacher, then the ensemble
+    single = json.loads((tmp_path / "ablation" / "kd" / "seed-0" / "report.json").read_text())
+    assert "teachers" not in single  # the other cells distil from TEACHER alone
+    assert [row["cell"] for row in summary["cells"]] == ["kd", "multi-teacher"]
+
     too_far = tmp_path / "three.yaml"
     too_far.write_text(recipe.read_text().replace("teacher: 1", "teacher: 2"))
     refused = cli("distill", teacher_dir, "test_resnet", "--teacher", second, "--recipe", too_far, "--data", DATA,

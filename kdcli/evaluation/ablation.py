@@ -85,8 +85,9 @@ def _signed(x: float | None) -> str:
 
 def render_markdown(summary: dict) -> str:
     inputs = summary["inputs"]
-    teachers = ", ".join(f"{t['arch']} {t['top1']:.2f}%" + (f" (weight {t['weight']:g})" if len(summary["teachers"]) > 1
-                                                              else "") for t in summary["teachers"])
+    teachers = ", ".join(f"{t['arch']} {t['top1']:.2f}%" + ("" if t["weight"] in (None, 1.0) else
+                                                              f" (weight {t['weight']:g})")
+                         for t in summary["teachers"] if t["ref"] != "ensemble")
     lines = [
         f"# Ablation: {summary['student']['arch']} from {teachers or 'no teacher'}",
         "",
@@ -110,7 +111,8 @@ def render_markdown(summary: dict) -> str:
             f"{k} → {_pm(by_name[name])} (`{name}`)" for k, name in stages), ""]
     if summary["teachers"]:
         lines += ["Teachers (validation top-1 %): " + "; ".join(
-            f"{t.get('ref') or t['arch']} ({t['arch']}) {t['top1']:.2f}" for t in summary["teachers"]), ""]
+            f"{t.get('ref') or t['arch']} ({t['arch']}) {t['top1']:.2f}"
+            + ("" if t["weight"] is None else f", weight {t['weight']:g}") for t in summary["teachers"]), ""]
     lines += [f"Each run is an ordinary kdcli run in its folder (`CELL/seed-S`: report.json, report.md, the "
               f"student); ![ablation]({ABLATION_PNG})", ""]
     return "\n".join(lines)
