@@ -194,7 +194,7 @@ def ablate(
     data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
     recipe: str = typer.Option(None, "--recipe", "-r", help="the sequential recipe whose cells are compared "
                                "[default: smskd]"),
-    seeds: int = typer.Option(3, "--seeds", help="runs per cell, seeds recipe.seed, +1, ..."),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="runs per cell, seeds recipe.seed, +1, ..."),
     cells: str = typer.Option(None, "--cells", help="run only these cells, comma-separated (e.g. alone,kd,seq-tcp) "
                               "[default: all]"),
     epochs: int = typer.Option(None, "--epochs", help="total epochs of every cell [default: the recipe's total]"),
@@ -219,12 +219,14 @@ def ablate(
     from kdcli.display import print_ablation
     from kdcli.jobs.ablate import AblationInputs, run_ablation
     from kdcli.jobs.plan import ModelChoices
+    from kdcli.training.ablation import BASE_RECIPE
     from kdcli.training.recipe import load_recipe
 
     teachers = [teacher, *(more_teachers or [])]
+    base = load_recipe(recipe or BASE_RECIPE, set_ or [])
     inputs = AblationInputs(
-        teachers, _weights(teacher_weights, len(teachers)), student, data, load_recipe(recipe, set_ or []), seeds,
-        epochs, ModelChoices(teacher_arch, student_arch, allow_weak_teacher=allow_weak_teacher), init_from_teacher,
+        teachers, _weights(teacher_weights, len(teachers)), student, data, base, seeds, epochs,
+        ModelChoices(teacher_arch, student_arch, allow_weak_teacher=allow_weak_teacher), init_from_teacher,
         [name.strip() for name in cells.split(",") if name.strip()] if cells else None)
     show = None if json_ else (lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
     summary = run_ablation(inputs, out, device, force and not resume, _progress, show)

@@ -96,8 +96,6 @@ def run_ablation(inputs: AblationInputs, out: Path, device: str = "auto", force:
                  show=None) -> dict:
     """Run (or reuse) every cell for every seed; write report.json, report.md and ablation.png into out.
     progress(label) -> a listener context manager; show(line) is told which run starts."""
-    if inputs.seeds < 1:
-        raise KdcliError(f"--seeds {inputs.seeds}: must be 1 or more")
     seeds = [inputs.base.seed + i for i in range(inputs.seeds)]
     cells_by_seed = {seed: _chosen(build_cells(inputs.base, inputs.epochs, seed, len(inputs.teachers)), inputs.only)
                      for seed in seeds}

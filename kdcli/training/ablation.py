@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from kdcli.errors import KdcliError
 from kdcli.training.recipe import Recipe, validate_recipe
 
+BASE_RECIPE = "smskd"  # what `kdcli ablate` takes apart unless --recipe names another sequential recipe
 MAX_STAGES = 4
 ANCHORED = ("none", "fixed", "tcp")
 EXTRA_LOSS = {"method": "pkt", "tap": {"student": "penultimate", "teacher": "penultimate"}}
