@@ -132,7 +132,7 @@ def distill(
     student: str = typer.Argument(..., help="student: a timm architecture (random init), ARCH.TAG or hf-hub:ORG/NAME "
                                   "(pretrained), or a .safetensors/folder to start from"),
     data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
-    recipe: str = typer.Option(None, "--recipe", "-r", help="built-in recipe name or YAML file [default: smskd]"),
+    recipe: str = typer.Option(None, "--recipe", "-r", help="built-in recipe name or YAML file [default: joint]"),
     out: Path = typer.Option(Path("kdcli-distill"), "--out", "-o", help="output folder"),
     set_: list[str] = SET,
     seed: int = typer.Option(None, "--seed", help="overrides the recipe's seed"),
@@ -211,7 +211,7 @@ def ablate(
     allow_weak_teacher: bool = typer.Option(False, "--allow-weak-teacher", help="train even if a teacher scores at "
                                             "chance on the validation split"),
     device: str = DEVICE,
-    force: bool = typer.Option(False, "--force", help="start afresh in a non-empty --out"),
+    force: bool = typer.Option(False, "--force", help="start afresh: write into a non-empty --out, reuse no earlier run"),
     resume: bool = typer.Option(False, "--resume", help="continue the ablation in --out (also what rerunning does)"),
     json_: bool = JSON,
 ) -> None:

@@ -71,10 +71,11 @@ def _chosen(cells: list[Cell], only: list[str] | None) -> list[Cell]:
     return [cell for cell in cells if cell.name in only]
 
 
-def _cell_run(cell: Cell, folder: Path, inputs: AblationInputs, device: str, listener) -> dict:
-    """The cell's report: read when the run finished before, else trained (resumed from its checkpoint)."""
+def _cell_run(cell: Cell, folder: Path, inputs: AblationInputs, device: str, force: bool, listener) -> dict:
+    """The cell's report: read when the run finished before (unless force), else trained (resumed from its
+    checkpoint unless force)."""
     report_path = folder / "report.json"
-    if report_path.is_file():
+    if report_path.is_file() and not force:
         report = json.loads(report_path.read_text(encoding="utf-8"))
         if report.get("recipe", {}).get("hash") != cell.recipe.digest():
             raise KdcliError(f"{folder} holds a finished run of another recipe than cell '{cell.name}' would run; "
@@ -87,9 +88,10 @@ def _cell_run(cell: Cell, folder: Path, inputs: AblationInputs, device: str, lis
         options.update(extra_teachers=teachers[1:], teacher_weights=inputs.teacher_weights)
     if inputs.init_from_teacher:  # the student alone starts from the teacher too: the comparison stays fair
         options.update(init_from=inputs.teachers[0])
+    resume = not force and (folder / CHECKPOINT_NAME).is_file()
     return train_student(cell.recipe, inputs.student, inputs.data, folder, listener=listener, kind=cell.kind,
-                         choices=inputs.choices, device_name=device, resume=(folder / CHECKPOINT_NAME).is_file(),
-                         force=folder.is_dir(), **options)
+                         choices=inputs.choices, device_name=device, resume=resume, force=force or folder.is_dir(),
+                         **options)
 
 
 def run_ablation(inputs: AblationInputs, out: Path, device: str = "auto", force: bool = False, progress=None,
@@ -109,7 +111,7 @@ def run_ablation(inputs: AblationInputs, out: Path, device: str = "auto", force:
             if show is not None:
                 show(f"ablate: cell '{cell.name}' ({cell.schedule} epochs), seed {seed} -> {folder}")
             with progress(f"{cell.name}/{seed}") as listener:
-                report = _cell_run(cell, folder, inputs, device, listener)
+                report = _cell_run(cell, folder, inputs, device, force, listener)
             runs.setdefault(cell.name, []).append((seed, report))
     cells = cells_by_seed[seeds[0]]
     summary = summarise(cells, runs, stage_count_rows(cells, inputs.base), inputs, seeds)
