@@ -94,12 +94,12 @@ def print_demo(reports: dict, out: Path) -> None:
 def print_ablation(summary: dict, out: Path) -> None:
     seeds = len(summary["inputs"]["seeds"])
     table = Table(title=f"kdcli ablate: {summary['student']['arch']} on {summary['data']}, {seeds} seed(s)")
-    for column in ("cell", "what", "epochs", "top-1 %", "vs alone", "vs KD", "time"):
-        table.add_column(column, justify="left" if column in ("cell", "what", "epochs") else "right")
+    for column in ("cell", "epochs", "top-1 %", "vs alone", "vs KD", "time"):
+        table.add_column(column, justify="left" if column in ("cell", "epochs") else "right", no_wrap=True)
     for row in summary["cells"]:
         top1 = f"{row['top1_mean']:.2f}" + ("" if row["top1_std"] is None else f" ± {row['top1_std']:.2f}")
         signed = ["–" if row[k] is None else f"{row[k]:+.2f}" for k in ("vs_alone", "vs_kd")]
-        table.add_row(row["cell"], row["what"], row["epochs"], top1, *signed, f"{row['train_seconds_mean']:.0f}s")
+        table.add_row(row["cell"], row["epochs"], top1, *signed, f"{row['train_seconds_mean']:.0f}s")
     out_console.print(table)
     teachers = "; ".join(f"{t['arch']} {t['top1']:.2f}%" for t in summary["teachers"])
     if teachers:

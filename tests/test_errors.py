@@ -397,12 +397,13 @@ def earlier_ablation(c):
     """An ablation folder of the same inputs at 3 epochs (its marker, as kdcli writes it)."""
     import json
 
+    from kdcli.jobs.ablate import MARKER, AblationInputs
+    from kdcli.jobs.plan import ModelChoices
     from kdcli.training.recipe import load_recipe
 
     c.out.mkdir()
-    marker = {"teachers": [str(c.teacher)], "teacher_weights": None, "student": "test_resnet", "data": DATA,
-              "recipe": load_recipe("smskd").digest(), "epochs": 3, "init_from_teacher": False}
-    (c.out / "ablation.json").write_text(json.dumps(marker))
+    earlier = AblationInputs([str(c.teacher)], None, "test_resnet", DATA, load_recipe("smskd"), 1, 3, ModelChoices())
+    (c.out / MARKER).write_text(json.dumps(earlier.identity()))
     return c.out
 
 

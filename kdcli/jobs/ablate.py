@@ -40,8 +40,13 @@ class AblationInputs:
 
     def identity(self) -> dict:
         return {"teachers": self.teachers, "teacher_weights": self.teacher_weights, "student": self.student,
-                "data": self.data, "recipe": self.base.digest(), "epochs": self.epochs,
+                "data": self.data, "recipe": _what_runs(self.base), "epochs": self.epochs,
                 "init_from_teacher": self.init_from_teacher}
+
+
+def _what_runs(recipe: Recipe) -> str:
+    """The recipe's hash without its description, which changes nothing a cell runs."""
+    return recipe.model_copy(update={"description": ""}).digest()
 
 
 def _open_out(out: Path, inputs: AblationInputs, force: bool) -> None:
