@@ -179,3 +179,23 @@ def test_init_from_teacher_through_distill(cli, tmp_path):
     assert torch.allclose(student.blocks[3].mlp.fc1.weight, model.blocks[6].mlp.fc1.weight, atol=1e-6)
     assert not torch.allclose(student.blocks[3].mlp.fc1.weight, model.blocks[3].mlp.fc1.weight, atol=1e-3)
     shutil.rmtree(out)
+
+
+def test_an_interrupted_ablation_continues_where_it_stopped(cli, teacher_dir, tmp_path, monkeypatch):
+    from kdcli.jobs.outputs import Outputs
+    from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals
+
+    out = tmp_path / "ablation"
+    args = ["ablate", teacher_dir, "test_resnet", "--data", DATA, "--seeds", "1", "--epochs", "3", "--out", out,
+            "--cells", "alone,kd"]
+    kd_state = Outputs(out / "kd" / "seed-0").folder / CHECKPOINT_NAME
+    monkeypatch.setattr(StopSignals, "requested", lambda self: kd_state.is_file())  # stop once kd saved an epoch
+    stopped = cli(*args)
+    assert stopped.code == 130 and "resume with: kdcli ablate" in stopped.err, stopped.err
+    assert (out / "alone" / "seed-0" / "report.json").is_file() and not (out / "kd" / "seed-0").exists()
+    monkeypatch.undo()
+    resumed = cli(*args)
+    assert resumed.code == 0, resumed.err
+    assert "alone/0: [supervised]" not in resumed.err  # finished: reused
+    assert "kd/0: [response] epoch 1/3" not in resumed.err and "kd/0: [response] epoch 3/3" in resumed.err
+    assert (out / "kd" / "seed-0" / "report.json").is_file() and not kd_state.exists()

@@ -2,7 +2,7 @@
 
 Every cell of kdcli.training.ablation is run for every seed as an ordinary `distill` (or, for the student alone,
 `train`) run in its own folder, OUT/<cell>/seed-<s>. A finished run (its report.json) is reused, an interrupted
-one (its checkpoint) resumed, so running the same command again continues where it stopped. The table is the
+one (its training state, kept beside that folder by jobs/outputs.py) resumed, so running the same command again continues where it stopped. The table is the
 mean ± standard deviation of the cells' validation top-1 over the seeds.
 """
 
@@ -15,12 +15,11 @@ from pathlib import Path
 from kdcli.errors import KdcliError, close_matches
 from kdcli.evaluation.ablation import summarise, write_ablation_report
 from kdcli.fsio import write_json
-from kdcli.jobs.common import check_out
+from kdcli.jobs.outputs import Outputs
 from kdcli.jobs.plan import ModelChoices
 from kdcli.jobs.training import train_student
 from kdcli.training.ablation import Cell, build_cells, stage_count_rows
 from kdcli.training.recipe import Recipe
-from kdcli.training.trainstate import CHECKPOINT_NAME
 
 MARKER = "ablation.json"  # what the folder is an ablation of; a rerun must match it
 
@@ -50,8 +49,10 @@ def _what_runs(recipe: Recipe) -> str:
 
 
 def _open_out(out: Path, inputs: AblationInputs, force: bool) -> None:
-    """A new folder, or one holding an ablation of the same inputs (reused cell by cell)."""
+    """A new folder, or one holding an ablation of the same inputs (reused cell by cell); --force: any folder."""
     marker = out / MARKER
+    if out.exists() and not out.is_dir():
+        raise KdcliError(f"--out {out} is a file; pass a folder")
     if marker.is_file() and not force:
         saved = json.loads(marker.read_text(encoding="utf-8"))
         now = inputs.identity()
@@ -60,8 +61,12 @@ def _open_out(out: Path, inputs: AblationInputs, force: bool) -> None:
                 raise KdcliError(f"--out {out} holds an ablation with another {key} ({saved.get(key)} then, "
                                  f"{now[key]} now); pass the same inputs to continue it, or choose a new --out")
         return
-    check_out(out, force)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise KdcliError(f"--out {out} is not empty and holds no ablation; choose a new folder, or pass --force")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise KdcliError(f"--out {out}: cannot write there ({err.strerror}); choose another folder") from err
     write_json(marker, inputs.identity())
 
 
@@ -93,7 +98,7 @@ def _cell_run(cell: Cell, folder: Path, inputs: AblationInputs, device: str, for
         options.update(extra_teachers=teachers[1:], teacher_weights=inputs.teacher_weights)
     if inputs.init_from_teacher:  # the student alone starts from the teacher too: the comparison stays fair
         options.update(init_from=inputs.teachers[0])
-    resume = not force and (folder / CHECKPOINT_NAME).is_file()
+    resume = not force and Outputs(folder).resumable  # its training state, kept beside the folder
     return train_student(cell.recipe, inputs.student, inputs.data, folder, listener=listener, kind=cell.kind,
                          choices=inputs.choices, device_name=device, resume=resume, force=force or folder.is_dir(),
                          **options)

@@ -7,7 +7,6 @@ finish() writes the student, assesses it, writes the report and applies the qual
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +14,13 @@ from pathlib import Path
 import torch
 
 from kdcli.data import DataConfig, DataSource, EvalView, TrainView, eval_loader, open_data
-from kdcli.errors import Interrupted, KdcliError
+from kdcli.errors import Interrupted, KdcliError, SignalReceived
 from kdcli.evaluation.assess import Subject, assess, run_info
 from kdcli.evaluation.gate import check_gate_options, enforce, gate_result
 from kdcli.evaluation.report import stage_entry, stamp, write_report
 from kdcli.fsio import write_text
-from kdcli.jobs.common import check_out, probe, resolve_device, subject
+from kdcli.jobs.common import probe, resolve_device, subject
+from kdcli.jobs.outputs import RECIPE_NAME, Outputs, public
 from kdcli.jobs.plan import (
     ModelChoices, ResolvedModels, TeacherCheck, build_plan, check_teacher, resolve_models, teacher_entries,
 )
@@ -32,7 +32,7 @@ from kdcli.training.engine import Listener, StopRequested, Term, TrainingData
 from kdcli.training.sources import identity as identity_input
 from kdcli.training.pipeline import Checkpoint, Models, StageOutcome, check_plan, restore_models, run_stages
 from kdcli.training.recipe import Recipe
-from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals
+from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals, restoring
 
 
 @dataclass
@@ -66,20 +66,24 @@ class Run:
 
 
 def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *, listener: Listener,
-                  **options) -> dict:
-    """distill (with teacher_ref) or train (without): the whole run; a run that fails before its first
-    checkpoint leaves no folder behind."""
-    out = Path(out)
-    fresh = not out.exists()
-    try:
-        run = prepare(recipe, student_ref, data_spec, out, **options)
-        if options.get("dry_run"):
-            return run.plan
-        return finish(run, train(run, listener))
-    except KdcliError:
-        if fresh and out.is_dir() and not (out / CHECKPOINT_NAME).exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+                  force: bool = False, resume: bool = False, **options) -> dict:
+    """distill (with teacher_ref) or train (without): the whole run. Its files are written beside --out and
+    moved into place when it succeeds (jobs/outputs.py); a run that stops keeps what --resume needs. A dry run
+    writes nothing and returns the run plan."""
+    if options.get("dry_run"):
+        folder = Outputs(Path(out)).folder if resume else Path(out)  # where a resumed run's state is
+        return prepare(recipe, student_ref, data_spec, folder, resume=resume, **options).plan
+    inputs = {"teacher": options.get("teacher_ref"), "baseline": options.get("baseline_ref"), "student": student_ref,
+              **{f"teacher {i}": ref for i, ref in enumerate(options.get("extra_teachers") or (), 1)}}
+    with Outputs(Path(out), force=force, resume=resume, data=data_spec, inputs=inputs, in_place=("student",),
+                 phase="checking the inputs") as outputs:
+        run = prepare(recipe, student_ref, data_spec, outputs.folder, resume=resume, **options)
+        outputs.phase = "training"
+        outcomes = train(run, listener)
+        outputs.phase = "writing and evaluating the student"
+        report = finish(run, outcomes)
+    enforce(report)
+    return report
 
 
 def prepare(
@@ -96,7 +100,6 @@ def prepare(
     student_arch: str | None = None,
     choices: ModelChoices | None = None,
     device_name: str = "auto",
-    force: bool = False,
     resume: bool = False,
     kind: str = "distill",
     baseline_ref: str | None = None,
@@ -107,15 +110,17 @@ def prepare(
     show_plan=None,
 ) -> Run:
     """Load and check models, data and recipe; check the teacher on the validation split; build the run plan
-    (shown through show_plan before training); open the checkpoint to resume from (or the out folder)."""
+    (shown through show_plan before training); open the checkpoint to resume from. out: the folder the run
+    writes in (its staging folder)."""
     started = time.perf_counter()
     choices = choices or ModelChoices(teacher_arch, student_arch)
     check_gate_options(min_top1, max_drop, teacher_ref is not None)
     device = resolve_device(device_name)
     tensors, state = open_resume(out) if resume else ({}, None)
-    if not resume:
-        check_out(out, force)
     source = open_data(data_spec)
+    if len(source.train) < 2:
+        raise KdcliError(f"the training split of {data_spec} has {len(source.train)} image; training needs at least 2 "
+                         "(batch norm cannot train on a batch of one); add images")
     settings = recipe.data
     from_recipe = recipe_layer(settings.image_size, settings.mean, settings.std)
     resolved = resolve_models(student_ref, teacher_ref, source, choices, from_recipe, recipe.seed, extra_teachers)
@@ -128,7 +133,7 @@ def prepare(
         ids = [teacher_id, *(identity(t, ref) for (t, _), ref in zip(resolved.more_teachers, extra_teachers))]
         teacher_id = [[one, weight] for one, weight in zip(ids, weights)]
     fingerprint = {
-        "kind": kind, "recipe": recipe.to_dict(), "data": source.description,
+        "kind": kind, "recipe": recipe.to_dict(), "data": source.description, "data_identity": source.identity,
         "teacher": teacher_id, "student": identity(student, student_ref),
         **({"init_from": init_from} if init_from else {}),
     }
@@ -147,16 +152,9 @@ def prepare(
         adapter = teacher_input(config, teacher_config)
     more_teachers, teachers = [], None
     if extra_teachers:
-        checks = [check]
-        for loaded, pre in resolved.more_teachers:
-            loaded.model.to(device).eval().requires_grad_(False)
-            probe(loaded, pre.config.image_size, "teacher", device)
-            checks.append(check_teacher(loaded, pre, source, device, settings.eval_batch_size, settings.workers,
-                                        choices.allow_weak_teacher))
-            prepare = teacher_input(config, pre.config)
-            more_teachers.append((loaded.model, prepare.to(device) if prepare is not None else identity_input))
+        more_teachers, checks = _check_more_teachers(resolved, source, device, recipe, choices.allow_weak_teacher)
         teachers = teacher_entries([teacher_ref, *extra_teachers], [teacher, *(t for t, _ in resolved.more_teachers)],
-                                   checks, weights)
+                                   [check, *checks], weights)
     data = TrainingData(
         view=TrainView(source.train, config, settings.augment.hflip, settings.augment.crop, recipe.seed),
         val_loader=eval_loader(EvalView(source.val, config), settings.eval_batch_size, settings.workers),
@@ -173,9 +171,26 @@ def prepare(
         show_plan(plan)
     checkpoint = Checkpoint(out / CHECKPOINT_NAME, fingerprint, tensors=tensors, state=state)
     if checkpoint.resuming:
-        restore_models(checkpoint, models, all_terms)
+        with restoring(checkpoint.path):
+            restore_models(checkpoint, models, all_terms)
     return Run(kind, recipe, out, device, source, student, config, teacher, teacher_config, baseline, models,
                all_terms, data, checkpoint, min_top1, max_drop, started, check, plan, teachers)
+
+
+def _check_more_teachers(resolved: ResolvedModels, source: DataSource, device: torch.device, recipe: Recipe,
+                         allow_weak: bool) -> tuple[list, list[TeacherCheck]]:
+    """Each --teacher on the device, probed and checked on the validation split like TEACHER; returns their
+    (model, input preparation) pairs for the `teacher` source and their checks."""
+    config, settings = resolved.student_pre.config, recipe.data
+    members, checks = [], []
+    for loaded, pre in resolved.more_teachers:
+        loaded.model.to(device).eval().requires_grad_(False)
+        probe(loaded, pre.config.image_size, "teacher", device)
+        checks.append(check_teacher(loaded, pre, source, device, settings.eval_batch_size, settings.workers,
+                                    allow_weak))
+        prepare = teacher_input(config, pre.config)
+        members.append((loaded.model, prepare.to(device) if prepare is not None else identity_input))
+    return members, checks
 
 
 def start_from_teacher(resolved: ResolvedModels, init_from: str, teacher_ref: str | None, student_ref: str,
@@ -196,22 +211,26 @@ def start_from_teacher(resolved: ResolvedModels, init_from: str, teacher_ref: st
 def train(run: Run, listener: Listener) -> list[StageOutcome]:
     """Run the stages; SIGINT/SIGTERM save the state and end in Interrupted."""
     if not run.checkpoint.resuming:
-        run.out.mkdir(parents=True, exist_ok=True)
-        write_text(run.out / "recipe.yaml", run.recipe.to_yaml())
+        write_text(run.out / RECIPE_NAME, run.recipe.to_yaml())
     with StopSignals() as signals:
         run.checkpoint.stop_requested = signals.requested
         try:
-            return run_stages(run.recipe, run.all_terms, run.models, run.data, run.device, listener, run.checkpoint)
+            outcomes = run_stages(run.recipe, run.all_terms, run.models, run.data, run.device, listener,
+                                  run.checkpoint)
         except StopRequested as stop:
             where = run.recipe.stages[stop.position.stage].name
             raise Interrupted(
                 f"stopped in stage '{where}' at epoch {stop.position.epoch + 1}, step {stop.position.step + 1}; "
                 f"training state saved in {run.checkpoint.path}"
             ) from None
+    if signals.received is not None:  # arrived after the last step: the state is saved, the outputs are not
+        raise SignalReceived(signals.received)
+    return outcomes
 
 
 def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
-    """Write the student, assess it, write the report, delete the training checkpoint, apply the gate."""
+    """Write the student, assess it, write the report (the training checkpoint goes when the outputs are moved
+    into place)."""
     folder = run.student_folder
     save_timm_folder(folder, run.student, run.config, run.source.classes, {"recipe_hash": run.recipe.digest()})
     teacher = None
@@ -221,6 +240,9 @@ def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
     settings = run.recipe.data
     evaluation = assess(run.source, run.device, settings.eval_batch_size, settings.workers,
                         Subject(run.student, run.config, folder / "model.safetensors"), teacher, run.baseline)
+    for entry in (evaluation["student"], evaluation["teacher"], evaluation["baseline"]):
+        if entry and entry["path"]:  # where the files will be when the run is moved into place
+            entry["path"] = str(public(entry["path"]))
     evaluation["student"]["init"] = run.student.init
     report = stamp({
         "kind": run.kind,
@@ -232,7 +254,4 @@ def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
         "plan": run.plan,
     })
     report["gate"] = gate_result(report, run.min_top1, run.max_drop)
-    report = write_report(run.out, report)
-    run.checkpoint.path.unlink()  # the run is complete: its outputs replace the training state
-    enforce(report)
-    return report
+    return write_report(run.out, report)
