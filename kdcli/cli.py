@@ -69,7 +69,7 @@ def _finish(job):
 def _show(report: dict, failed: QualityGateFailed | None, json_: bool, print_text) -> None:
     _print_json(report) if json_ else print_text()
     for role in ("student", "teacher", "baseline"):
-        if (report.get(role) or {}).get("non_finite_outputs"):
+        if isinstance(report.get(role), dict) and report[role].get("non_finite_outputs"):
             err_console.print(f"warning: the {role}'s outputs are not finite (NaN or infinite) on "
                               f"{report[role]['non_finite_outputs']} of {report['evaluation']['samples']} validation "
                               "images; its accuracy metrics are null", markup=False, soft_wrap=True)
@@ -164,6 +164,8 @@ def distill(
     min_top1: float = MIN_TOP1,
     max_drop: float = MAX_DROP,
     dry_run: bool = DRY_RUN,
+    export: str = typer.Option(None, "--export", help="also export the student: onnx, int8, fp16, bf16 (comma-separated) "
+                               "into OUT/export/; the gate applies to every exported file too"),
     json_: bool = JSON,
 ) -> None:
     """Distill TEACHER into STUDENT through the recipe's stages; write the student and a report to --out."""
@@ -184,7 +186,7 @@ def distill(
             teacher_weights=_weights(teacher_weights, 1 + len(extra)),
             init_from=teacher if init_from_teacher else None, choices=choices, device_name=device, force=force,
             resume=resume, listener=listener, baseline_ref=baseline, baseline_arch=baseline_arch,
-            min_top1=min_top1, max_drop=max_drop, dry_run=dry_run, show_plan=_plan_shower()))
+            min_top1=min_top1, max_drop=max_drop, dry_run=dry_run, show_plan=_plan_shower(), export=export))
     if dry_run:
         return _dry_run(report, json_)
     _show(report, failed, json_, lambda: print_run(report, out))
@@ -297,7 +299,8 @@ def train(
 
 @app.command("eval")
 def eval_(
-    checkpoint: str = typer.Argument(..., help="a .safetensors file, a timm folder, hf-hub:ORG/NAME or ARCH.TAG"),
+    checkpoint: str = typer.Argument(..., help="a .safetensors file, a timm folder (fp32, fp16 or bf16), hf-hub:ORG/NAME, "
+                                     "ARCH.TAG, or an .onnx file that kdcli export wrote"),
     data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
     arch: str = typer.Option(None, "--arch", help="architecture, if the weights do not say"),
     teacher: str = typer.Option(None, "--teacher", help="the teacher: agreement, retention, speed-up and size ratio"),
@@ -333,6 +336,37 @@ def eval_(
         flags=_flags("", image_size, mean, std, interpolation),
         teacher_flags=_flags("teacher-", teacher_image_size, teacher_mean, teacher_std, teacher_interpolation)))
     _show(report, failed, json_, lambda: print_eval(report, checkpoint, out))
+
+
+@app.command("export")
+def export_(
+    student: str = typer.Argument(..., help="the student: a timm folder or .safetensors file (e.g. run1/student)"),
+    format_: str = typer.Option(..., "--format", "-f", help="onnx, int8, fp16, bf16; several comma-separated: onnx,int8"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder: model.onnx, model.int8.onnx, fp16/, bf16/, report"),
+    data: str = typer.Option(None, "--data", "-d", help="the student's data: int8 calibrates on its training images; "
+                             "every file is checked on its validation split (without: a logit check on random inputs)"),
+    arch: str = typer.Option(None, "--arch", help="architecture, if the weights do not say"),
+    teacher: str = typer.Option(None, "--teacher", help="the teacher: agreement of each file with it, and --max-drop"),
+    teacher_arch: str = typer.Option(None, "--teacher-arch", help="teacher architecture, if its weights do not say"),
+    calibration_images: int = typer.Option(256, "--calibration-images", help="training images int8 is calibrated on"),
+    seed: int = typer.Option(0, "--seed", help="seed of the calibration sample"),
+    min_top1: float = typer.Option(None, "--min-top1", help="quality gate: exit 1 when any file's top-1 (%) is below this"),
+    max_drop: float = typer.Option(None, "--max-drop", help="quality gate: exit 1 when teacher top-1 - a file's top-1 "
+                                   "exceeds these points"),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for checking and timing (default: torch's)"),
+    device: str = DEVICE,
+    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    json_: bool = JSON,
+) -> None:
+    """Export a student to ONNX, int8 ONNX (static quantisation), fp16 or bf16; check each file against it."""
+    from kdcli.display import print_export
+    from kdcli.jobs.export import export_student
+
+    report, failed = _finish(lambda: export_student(
+        student, format_, out, data_spec=data, arch=arch, teacher_ref=teacher, teacher_arch=teacher_arch,
+        calibration_images=calibration_images, seed=seed, threads=threads, device_name=device, force=force,
+        min_top1=min_top1, max_drop=max_drop))
+    _show(report, failed, json_, lambda: print_export(report, out))
 
 
 @app.command()

@@ -8,13 +8,35 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from kdcli.evaluation.report import ROLES, headline
+from kdcli.evaluation.report import ROLES, headline, signed
 
 out_console = Console()
 
 
 def _cell(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _speed(measured: dict, digits: int, key: str) -> str:
+    """A reliable figure, or 'not reliable' (report.md says why)."""
+    return _cell(measured[key], digits) if measured["reliable"] else "not reliable"
+
+
+def _latency(latency: dict) -> str:
+    if not latency["reliable"]:
+        return "not reliable"
+    return f"{latency['median_ms']:.3f} ({latency['p10_ms']:.3f}–{latency['p90_ms']:.3f})"
+
+
+def _runtime(entry: dict) -> str:
+    return f"{entry['runtime'].split(' (')[0].split('+')[0]}, {entry['threads']} thr"
+
+
+def _unreliable_note(entries: list[dict]) -> None:
+    if any(not (e["latency"]["reliable"] and e["throughput"]["reliable"]) for e in entries):
+        out_console.print("not reliable: speed not measurable reliably here (the median did not settle, or p90 > 1.5× "
+                          "the median: the machine is busy); report.md says why for each", markup=False,
+                          highlight=False, soft_wrap=True)
 
 
 def model_table(title: str, report: dict) -> Table:
@@ -34,9 +56,9 @@ def model_table(title: str, report: dict) -> Table:
         ("params", [f"{e['params'] / 1e6:.3f} M" for e in entries]),
         ("file", [f"{e['file_bytes'] / 2**20:.2f} MiB" if e.get("file_bytes") else "–" for e in entries]),
         ("MACs / image", [f"{e['macs'] / 1e6:.2f} M" for e in entries]),
-        ("latency @1 median ms", [_cell(e["latency"]["median_ms"], 3) for e in entries]),
-        ("latency @1 p90 ms", [_cell(e["latency"]["p90_ms"], 3) for e in entries]),
-        (f"img/s @{entries[0]['throughput']['batch']}", [_cell(e["throughput"]["images_per_s"], 0) for e in entries]),
+        ("latency @1 ms (p10–p90)", [_latency(e["latency"]) for e in entries]),
+        (f"img/s @{entries[0]['throughput']['batch']}", [_speed(e["throughput"], 0, "images_per_s") for e in entries]),
+        ("format, runtime", [f"{e['format']}, {_runtime(e)}" for e in entries]),
     ]
     comparison = report.get("comparison") or {}
     if comparison.get("agreement") is not None:
@@ -62,13 +84,63 @@ def print_run(report: dict, out: Path) -> None:
         stages.add_row(str(i), stage["name"], str(stage["epochs"]), stage["anchor"], f"{stage['val_top1']:.2f}",
                        f"{stage['seconds']:.1f}s")
     out_console.print(stages)
+    if report.get("exports"):
+        out_console.print(export_table(report))
+    _unreliable_note([report[role] for role in ROLES if report.get(role)] + report.get("exports", []))
     _summary(report)
     where = out / "student" if report["kind"] == "distill" else out
     out_console.print(f"student written to {where}; report in {out / 'report.md'}", markup=False)
 
 
+def export_table(report: dict) -> Table:
+    """One column per exported file beside the fp32 student: size, accuracy, agreement, speed."""
+    student, exports = report["student"], report["exports"]
+    table = Table(title="Exports, checked against the fp32 student on the validation split")
+    table.add_column("")
+    for column in ("fp32 student", *(e["format"] for e in exports)):
+        table.add_column(column, justify="right")
+    agree_teacher = (report["comparison"] or {}).get("agreement")
+    rows = [
+        ("file", [Path(student["path"]).name, *(Path(e["path"]).name for e in exports)]),
+        ("size", [f"{student['file_bytes'] / 2**20:.2f} MiB", *(f"{e['file_bytes'] / 2**20:.2f} MiB" for e in exports)]),
+        ("top-1 %", [_cell(student["top1"]), *(_cell(e["top1"]) for e in exports)]),
+        ("Δ top-1 vs fp32", ["", *(signed(-e["drop_vs_fp32"]) for e in exports)]),
+        ("max |Δlogit| vs fp32", ["", *(f"{e['max_abs_logit_diff']:.2e}" for e in exports)]),
+        ("agreement with fp32 %", ["", *(_cell(e["agreement_fp32"]) for e in exports)]),
+        ("agreement with teacher %", [_cell(agree_teacher), *(_cell(e["agreement_teacher"]) for e in exports)]),
+        ("latency @1 ms (p10–p90)", [_latency(student["latency"]), *(_latency(e["latency"]) for e in exports)]),
+        (f"img/s @{student['throughput']['batch']}",
+         [_speed(student["throughput"], 0, "images_per_s"), *(_speed(e["throughput"], 0, "images_per_s")
+                                                             for e in exports)]),
+        ("runtime", [_runtime(student), *(_runtime(e) for e in exports)]),
+    ]
+    for name, values in rows:
+        table.add_row(name, *values)
+    return table
+
+
+def print_export(report: dict, out: Path) -> None:
+    if "run" not in report:  # no --data: the logit check on random inputs only
+        table = Table(title=f"Exports of {report['student']}, checked on {report['exports'][0]['checked_on']}")
+        for column in ("format", "file", "max |Δlogit| vs fp32", "agreement with fp32 %", "runtime"):
+            table.add_column(column, justify="left" if column in ("format", "file", "runtime") else "right")
+        for e in report["exports"]:
+            table.add_row(e["format"], e["path"], f"{e['max_abs_logit_diff']:.2e}", _cell(e["agreement_fp32"]),
+                          e["runtime"])
+        out_console.print(table)
+        out_console.print(f"files in {out}; pass --data to measure top-1, agreement and speed on the validation split",
+                          markup=False, highlight=False, soft_wrap=True)
+        return
+    out_console.print(export_table(report))
+    _unreliable_note([report["student"], *report["exports"]])
+    _summary(report)
+    out_console.print(f"files and report in {out} ({out / 'report.md'})", markup=False, highlight=False,
+                      soft_wrap=True)
+
+
 def print_eval(report: dict, checkpoint: str, out: Path | None) -> None:
     out_console.print(model_table(f"Evaluation on {report['run']['data']}", report))
+    _unreliable_note([report[role] for role in ROLES if report.get(role)])
     _summary(report)
     if out is not None:
         out_console.print(f"report in {out / 'report.md'}", markup=False)

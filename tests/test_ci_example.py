@@ -45,3 +45,20 @@ def test_workflow_runs_the_script_and_uploads_the_report():
     assert any("examples/ci/compress.sh" in step.get("run", "") for step in steps)
     upload = next(step for step in steps if step.get("uses", "").startswith("actions/upload-artifact"))
     assert upload["if"] == "always()" and "report.md" in upload["with"]["path"]
+
+
+def test_one_go_distill_export_gate_job(tmp_path, teacher_dir):
+    env = {**os.environ, "KDCLI": f"{sys.executable} -m kdcli", "DATA": DATA, "TEACHER": str(teacher_dir),
+           "STUDENT": "test_resnet", "RECIPE": "kd-anchored", "MAX_DROP": "100", "OUT": str(tmp_path / "out"),
+           "KDCLI_ARGS": TINY, "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md"),
+           "PYTHONPATH": os.pathsep.join([str(CI.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = Watched(["bash", CI / "compress-export.sh"], env=env).finish()
+    assert done.code == 0, done.err
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert [e["format"] for e in report["exports"]] == ["onnx", "int8"] and report["gate"]["passed"]
+    assert (tmp_path / "out/export/model.int8.onnx").is_file()
+    assert "### int8" in (tmp_path / "summary.md").read_text()
+    workflow = yaml.safe_load((CI / "compress-export.yml").read_text())
+    steps = workflow["jobs"]["compress-export"]["steps"]
+    assert any("compress-export.sh" in step.get("run", "") for step in steps)
+    assert any('kdcli[export]' in step.get("run", "") for step in steps)

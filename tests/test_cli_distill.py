@@ -38,7 +38,7 @@ def test_distill_end_to_end_and_timm_loads_the_student(cli, teacher_dir, tmp_pat
     assert "anchor" in report["stages"][1]["history"][0]["terms"]
     for name in ("student/model.safetensors", "student/config.json", "report.json", "report.md", "recipe.yaml"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "report.json").read_text())["schema_version"] == 2
+    assert json.loads((out / "report.json").read_text())["schema_version"] == 3
 
     # both of timm's loaders, no kdcli code involved
     by_folder = timm.create_model(f"local-dir:{out / 'student'}", pretrained=True)

@@ -295,6 +295,18 @@ def incomplete_cifar(c):
     return c.distill(data=str(c.tmp / "data"))
 
 
+def onnx_without_metadata(c):
+    """A valid ONNX file not written by kdcli export (no metadata to tell the model and its preprocessing)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    tensor = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3, 32, 32])  # noqa: E731
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "g", [tensor("input")],
+                              [tensor("logits")])
+    onnx.save(helper.make_model(graph), str(c.tmp / "plain.onnx"))
+    return ["eval", c.tmp / "plain.onnx", "--data", DATA]
+
+
 # id: (argument list, fragments the one line must contain). docs/errors.md lists the same ids.
 CASES = {
     # checkpoints
@@ -490,6 +502,18 @@ CASES = {
     "out-of-memory": (
         lambda c: ["inspect", "test_resnet", "--image-size", "200000"],
         ["at 200000x200000 needs more memory than this machine has", "smaller --image-size"]),
+    # export
+    "unknown-export-format": (
+        lambda c: ["export", c.teacher, "--format", "onnx,int4", "--out", c.out],
+        ["unknown export format 'int4'", "did you mean int8", "onnx, int8, fp16, bf16"]),
+    "distill-export-unknown-format": (
+        lambda c: c.distill(None, "test_efficientnet", "--export", "tflite"), ["--export tflite", "choose from"]),
+    "int8-without-data": (
+        lambda c: ["export", c.teacher, "--format", "int8", "--out", c.out], ["calibrates on training images", "--data"]),
+    "export-gate-without-data": (
+        lambda c: ["export", c.teacher, "--format", "onnx", "--out", c.out, "--min-top1", "50"],
+        ["validation split", "pass --data"]),
+    "onnx-without-metadata": (lambda c: onnx_without_metadata(c), ["no kdcli metadata", "kdcli export"]),
     # several teachers, a student from the teacher, ablate
     "teacher-weights-count": (
         lambda c: c.distill(None, "test_efficientnet", "--teacher", c.teacher, "--teacher-weights", "1,2,3"),
@@ -514,6 +538,7 @@ CASES = {
 ELSEWHERE = {
     "disk-full": ("test_errors", "test_disk_full_while_writing_leaves_nothing"),
     "resume-data-changed": ("test_resume", "test_resume_names_what_changed_in_the_data"),
+    "missing-export-extra": ("test_export", "test_a_missing_extra_is_one_clear_line_before_any_work"),
 }
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from kdcli.evaluation.cost import count_macs, measure_speed
+from kdcli.evaluation.cost import Schedule, count_macs, measure_interleaved, measure_speeds, speedup, summarize
+from kdcli.evaluation.predictors import TorchPredictor
 from kdcli.evaluation.metrics import (
     accuracy_metrics, agreement, expected_calibration_error, nll, reliability_bins, topk_accuracy,
 )
@@ -60,7 +61,8 @@ def test_agreement_and_all_metrics():
     second = torch.tensor([[5.0, 1, 0], [0, 0, 1], [1, 0, 2], [0, 3, 1]])
     assert agreement(first, second) == 50.0
     metrics = accuracy_metrics(first, torch.tensor([0, 1, 2, 0]))
-    assert set(metrics) == {"top1", "top5", "nll", "ece"} and metrics["top1"] == 100.0 and metrics["top5"] == 100.0
+    assert set(metrics) == {"top1", "top5", "nll", "ece", "non_finite_outputs"}
+    assert metrics["non_finite_outputs"] == 0 and metrics["top1"] == 100.0 and metrics["top5"] == 100.0
 
 
 def test_macs_of_a_tiny_model_match_a_hand_count():
@@ -71,10 +73,87 @@ def test_macs_of_a_tiny_model_match_a_hand_count():
     assert model.training  # the mode is restored
 
 
-def test_speed_records_latency_throughput_and_threads():
-    speed = measure_speed(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2)), 4, torch.device("cpu"))
-    assert 0 < speed["latency"]["median_ms"] <= speed["latency"]["p90_ms"]
-    assert speed["throughput"]["images_per_s"] > 0 and speed["threads"] == torch.get_num_threads()
+class FakeClock:
+    """A clock that moves only when a fake model 'runs': timings without wall-clock assertions."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.calls: list[str] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def model(self, name: str, durations):
+        """A pass whose k-th run takes durations(k) seconds of fake time."""
+        count = iter(range(10**9))
+
+        def run():
+            self.calls.append(name)
+            self.now += durations(next(count))
+
+        return run
+
+
+SCHEDULE = Schedule(batch=1, warmup=2, runs_per_round=10, min_rounds=3, max_rounds=12, max_seconds=1e9)
+
+
+def test_speeds_are_measured_interleaved_until_the_median_settles():
+    clock = FakeClock()
+    passes = {"student": clock.model("s", lambda k: 0.001), "teacher": clock.model("t", lambda k: 0.003)}
+    measured = measure_interleaved(passes, SCHEDULE, clock)
+    assert clock.calls[:4] == ["s", "s", "t", "t"]  # warm-up, then student, teacher, student, ...
+    assert clock.calls[4:10] == ["s", "t"] * 3
+    student, teacher = (summarize(measured[name], SCHEDULE) for name in ("student", "teacher"))
+    assert student["rounds"] == 3 and student["runs"] == 30  # settled at once: stops at the minimum
+    assert student["reliable"] and student["median_ms"] == pytest.approx(1.0) and teacher["median_ms"] == pytest.approx(3.0)
+    assert speedup(teacher, student) == pytest.approx(3.0)
+
+
+def test_a_wide_spread_is_not_reliable_and_no_speedup_is_claimed():
+    clock = FakeClock()
+    bursts = lambda k: 0.010 if k % 4 == 0 else 0.001  # noqa: E731  one run in four hit by load elsewhere
+    measured = measure_interleaved({"student": clock.model("s", bursts),
+                                    "teacher": clock.model("t", lambda k: 0.003)}, SCHEDULE, clock)
+    student, teacher = (summarize(measured[name], SCHEDULE) for name in ("student", "teacher"))
+    assert not student["reliable"] and "p90 is 10.0x the median" in student["note"]
+    assert teacher["reliable"] and speedup(teacher, student) is None
+
+
+def test_a_median_that_never_settles_stops_at_the_bound_and_is_not_reliable():
+    clock = FakeClock()
+    drifting = clock.model("s", lambda k: 0.001 * 1.01 ** k)  # the machine slows down run after run
+    measured = measure_interleaved({"student": drifting}, SCHEDULE, clock)["student"]
+    assert measured["rounds"] == SCHEDULE.max_rounds and not measured["stable"]
+    result = summarize(measured, SCHEDULE)
+    assert not result["reliable"] and "did not settle within 12 rounds" in result["note"]
+
+
+def test_the_time_bound_ends_the_measurement():
+    clock = FakeClock()
+    bounded = Schedule(batch=1, warmup=0, runs_per_round=10, min_rounds=3, max_rounds=100, max_seconds=1.0)
+    measured = measure_interleaved({"student": clock.model("s", lambda k: 0.05 * 1.01 ** k)}, bounded, clock)
+    assert measured["student"]["rounds"] == 2  # two rounds take just over 1 s of fake time: no third is started
+    slow = measure_interleaved({"student": clock.model("s", lambda k: 0.5)}, bounded, clock)["student"]
+    assert slow["rounds"] == 1 and not slow["stable"]  # out of time before the minimum: not settled
+    assert "did not settle within 1 round" in summarize(slow, bounded)["note"]
+
+
+def test_speeds_of_real_models_record_latency_throughput_and_runtime():
+    predictor = TorchPredictor(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2)))
+    speeds = measure_speeds({"tiny": lambda batch: predictor.forward_pass(batch, 4)})
+    latency, throughput = speeds["tiny"]["latency"], speeds["tiny"]["throughput"]
+    assert 0 < latency["p10_ms"] <= latency["median_ms"] <= latency["p90_ms"] and latency["runs"] >= 30
+    assert throughput["batch"] == 32 and throughput["images_per_s"] > 0 and isinstance(throughput["reliable"], bool)
+
+
+def test_the_headline_claims_a_speedup_only_when_it_was_measured_reliably():
+    from kdcli.evaluation.report import headline
+
+    report = {"student": {"top1": 80.0, "arch": "s"}, "teacher": {"top1": 90.0}, "baseline": None,
+              "comparison": {"retention": 88.9, "param_ratio": 5.0, "speedup": None}}
+    assert "faster" not in headline(report) and "speed at batch 1 not measurable reliably here" in headline(report)
+    report["comparison"]["speedup"] = 2.5
+    assert "**2.5×** faster at batch 1" in headline(report) and "not measurable" not in headline(report)
 
 
 def test_gate_messages_name_the_bound_and_both_numbers():

@@ -16,20 +16,23 @@ def check_gate_options(min_top1: float | None, max_drop: float | None, has_teach
 
 
 def gate_result(report: dict, min_top1: float | None, max_drop: float | None) -> dict:
-    """The gate's bounds, whether it passed, and one message per failed bound (both numbers in each)."""
-    student = report["student"]["top1"]
+    """The gate's bounds, whether it passed, and one message per failed bound (both numbers in each). The bounds
+    apply to the student and to every file exported from it (distill --export, kdcli export)."""
+    checked = [("student", report["student"]["top1"])]
+    checked += [(f"{e['format']} export", e["top1"]) for e in report.get("exports") or []]
     failures = []
-    if (min_top1 is not None or max_drop is not None) and student is None:
-        failures.append(f"student top-1 cannot be measured: its outputs are not finite on "
-                        f"{report['student']['non_finite_outputs']} validation images")
-    elif min_top1 is not None and student < min_top1:
-        failures.append(f"student top-1 {student:.2f} < --min-top1 {min_top1:.2f}")
-    if max_drop is not None and student is not None:
-        teacher = report["teacher"]["top1"]
-        if teacher is None:
-            failures.append("teacher top-1 cannot be measured: its outputs are not finite")
-        elif teacher - student > max_drop:
-            failures.append(f"teacher top-1 {teacher:.2f} - student top-1 {student:.2f} = {teacher - student:.2f} "
+    gated = min_top1 is not None or max_drop is not None
+    teacher = (report.get("teacher") or {}).get("top1")
+    if max_drop is not None and teacher is None:
+        failures.append("teacher top-1 cannot be measured: its outputs are not finite")
+    for what, top1 in checked:
+        if gated and top1 is None:
+            failures.append(f"{what} top-1 cannot be measured: its outputs are not finite on some validation images")
+            continue
+        if min_top1 is not None and top1 < min_top1:
+            failures.append(f"{what} top-1 {top1:.2f} < --min-top1 {min_top1:.2f}")
+        if max_drop is not None and teacher is not None and teacher - top1 > max_drop:
+            failures.append(f"teacher top-1 {teacher:.2f} - {what} top-1 {top1:.2f} = {teacher - top1:.2f} "
                             f"points > --max-drop {max_drop:.2f}")
     return {"min_top1": min_top1, "max_drop": max_drop, "passed": not failures, "failures": failures}
 

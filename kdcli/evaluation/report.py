@@ -7,10 +7,11 @@ from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
+from kdcli.evaluation.cost import NOT_RELIABLE
 from kdcli.fsio import write_json, write_text
 from kdcli.evaluation.plots import RELIABILITY_PNG, TRAINING_PNG, reliability_plot, training_plot
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 ROLES = ("student", "teacher", "baseline")
@@ -99,6 +100,8 @@ def headline(report: dict) -> str:
         if c["speedup"]:
             costs.append(_times(c["speedup"], "faster at batch 1", "slower at batch 1"))
         text += " with " + ", ".join(costs) if costs else ""
+        if not c["speedup"]:
+            text += f"; speed at batch 1 {NOT_RELIABLE}"
     else:
         text = f"The student ({student['arch']}) reaches **{student['top1']:.2f}%** top-1"
     if baseline and c["gain"]["top1"] is not None:
@@ -125,19 +128,75 @@ def _metric_rows(report: dict, roles: list[str]) -> list[str]:
     return [f"| {name} | " + " | ".join(values) + " |" for name, values in rows]
 
 
+def latency_text(latency: dict) -> str:
+    """'1.234 (p10–p90 1.200–1.310)', or 'not measurable reliably here (why)'."""
+    if not latency["reliable"]:
+        return f"{NOT_RELIABLE} ({latency['note']})"
+    return f"{latency['median_ms']:.3f} (p10–p90 {latency['p10_ms']:.3f}–{latency['p90_ms']:.3f})"
+
+
+def throughput_text(throughput: dict) -> str:
+    return f"{throughput['images_per_s']:.0f}" if throughput["reliable"] else f"{NOT_RELIABLE} ({throughput['note']})"
+
+
 def _cost_rows(report: dict, roles: list[str]) -> list[str]:
     entries = [report[r] for r in roles]
     rows = [
+        ("format, runtime", [f"{e['format']}, {e['runtime']}" for e in entries]),
         ("parameters", [_count(e["params"]) for e in entries]),
         ("file size", [_mib(e["file_bytes"]) for e in entries]),
         ("input size (px)", [str(e["input_size"]) for e in entries]),
         ("MACs per image", [_count(e["macs"]) for e in entries]),
-        ("latency, batch 1, median (ms)", [_num(e["latency"]["median_ms"], 3) for e in entries]),
-        ("latency, batch 1, p90 (ms)", [_num(e["latency"]["p90_ms"], 3) for e in entries]),
+        ("latency, batch 1, median (ms)", [latency_text(e["latency"]) for e in entries]),
         (f"throughput, batch {entries[0]['throughput']['batch']} (img/s)",
-         [_num(e["throughput"]["images_per_s"], 0) for e in entries]),
+         [throughput_text(e["throughput"]) for e in entries]),
     ]
     return [f"| {name} | " + " | ".join(values) + " |" for name, values in rows]
+
+
+def signed(x: float) -> str:
+    """'+0.40', '-1.20', and '+0.00' rather than '-0.00'."""
+    return f"{x + 0.0:+.2f}" if round(x, 2) else "+0.00"
+
+
+def _export_section(report: dict) -> list[str]:
+    """One table per exported file, beside the fp32 student it came from."""
+    student, lines = report["student"], ["## Exports", ""]
+    with_teacher = report.get("teacher") is not None
+    for export in report["exports"]:
+        speedup = export["speedup_vs_fp32"]
+        rows = [
+            ("file", f"`{export['path']}`", f"`{student['path']}`"),
+            ("file size", _mib(export["file_bytes"]), _mib(student["file_bytes"])),
+            ("top-1 (%)", _num(export["top1"]), _num(student["top1"])),
+            ("Δ top-1 vs fp32 (points)", signed(-export["drop_vs_fp32"]), "–"),
+            ("max \\|Δlogit\\| vs fp32", f"{export['max_abs_logit_diff']:.2e}", "–"),
+            ("top-1 agreement with fp32 (%)", _num(export["agreement_fp32"]), "–"),
+            *([("top-1 agreement with teacher (%)", _num(export["agreement_teacher"]), _num(
+                report["comparison"]["agreement"]))] if with_teacher else []),
+            ("latency, batch 1, median (ms)", latency_text(export["latency"]), latency_text(student["latency"])),
+            (f"throughput, batch {export['throughput']['batch']} (img/s)", throughput_text(export["throughput"]),
+             throughput_text(student["throughput"])),
+            ("speed-up at batch 1 vs fp32", f"{speedup:.2f}×" if speedup else NOT_RELIABLE, "–"),
+            ("runtime, threads", f"{export['runtime']}, {export['threads']}",
+             f"{student['runtime']}, {student['threads']}"),
+        ]
+        lines += [f"### {export['format']}", "", _export_note(export), "", f"| | {export['format']} | fp32 student |",
+                  "|---|---:|---:|", *(f"| {name} | {mine} | {theirs} |" for name, mine, theirs in rows), ""]
+    return lines
+
+
+def _export_note(export: dict) -> str:
+    details = export["details"]
+    if "quantization" in details:
+        q, sample = details["quantization"], details["quantization"]["calibration_sample"]
+        return (f"Static post-training quantisation with {q['toolchain']} ({q['format']}, activations {q['activations']}, "
+                f"weights {q['weights']} {'per channel' if q['per_channel'] else 'per tensor'}, {q['calibration']} "
+                f"calibration on {sample['images']} training images drawn with seed {sample['seed']}); "
+                f"ONNX opset {details['opset']}.")
+    if "opset" in details:
+        return f"ONNX opset {details['opset']}, dynamic batch dimension, exported by {details['exporter']}."
+    return f"timm-layout folder, tensors in {details.get('dtype')}; loads with timm's local-dir: and checkpoint_path=."
 
 
 def _ratios(c: dict) -> str:
@@ -149,7 +208,8 @@ def _ratios(c: dict) -> str:
 def render_markdown(report: dict) -> str:
     run, student = report["run"], report["student"]
     roles = [r for r in ROLES if report.get(r)]
-    title = {"distill": "Distillation report", "train": "Training report", "eval": "Evaluation report"}[report["kind"]]
+    title = {"distill": "Distillation report", "train": "Training report", "eval": "Evaluation report",
+             "export": "Export report"}[report["kind"]]
     lines = [f"# {title}: {student['arch']}", "", headline(report), ""]
     gate = report.get("gate")
     if gate and (gate["min_top1"] is not None or gate["max_drop"] is not None):
@@ -169,11 +229,15 @@ def render_markdown(report: dict) -> str:
     rule = "|---|" + "---:|" * len(roles)
     lines += ["## Metrics", "", f"On the validation split ({evaluation['samples']} images of {run['data']}).", "",
               header, rule, *_metric_rows(report, roles), "",
-              "## Cost", "", f"Measured on {evaluation['device']}, threads: {evaluation['threads']}; "
-              f"latency after {student['latency']['warmup']} warm-up runs over {student['latency']['runs']} runs.",
+              "## Cost", "", f"Measured on {evaluation['device']}, threads: {evaluation['threads']}; latency after "
+              f"{student['latency']['warmup']} warm-up runs, then {student['latency']['runs']} runs interleaved with "
+              "the other models' until the median settled (or a bound was hit); a figure whose median did not settle "
+              "or whose p90 exceeds 1.5× the median is not reported.",
               "", header.replace("metric", "cost"), rule, *_cost_rows(report, roles), ""]
     if report.get("teacher") and _ratios(report["comparison"]):
         lines += [f"Against the teacher: {_ratios(report['comparison'])}.", ""]
+    if report.get("exports"):
+        lines += _export_section(report)
     plots = report.get("plots") or {}
     if plots.get("training") or plots.get("reliability"):
         lines += ["## Plots", ""]

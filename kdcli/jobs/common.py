@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from kdcli.data import DataSource
 from kdcli.errors import KdcliError, is_out_of_memory
-from kdcli.evaluation.assess import Subject
+from kdcli.evaluation.assess import Subject, model_subject, onnx_subject
 from kdcli.models.checkpoint import LoadedModel, load_checkpoint
+from kdcli.models.export import Exported, read_onnx, require_extra, stored_float_dtype
 from kdcli.models.modes import evaluating
 from kdcli.models.preprocessing import Layer, native_layer, own_preprocessing
 
@@ -24,16 +27,31 @@ def resolve_device(name: str) -> torch.device:
 
 def subject(ref: str, arch: str | None, role: str, flag: str, source: DataSource,
             flags: Layer | None = None) -> Subject:
-    """A model to evaluate with its own preprocessing: flags, else its config.json, else the data's native size
-    and its architecture's defaults."""
-    loaded = load_checkpoint(ref, arch, role, flag)
-    if loaded.num_classes != source.num_classes:
+    """A model to evaluate with its own preprocessing: a checkpoint (preprocessing from flags, else its
+    config.json, else the data's native size and its architecture's defaults) run by torch in the dtype it was
+    stored in (fp32, fp16, bf16), or an ONNX file that kdcli exported (its metadata says it all), run by
+    onnxruntime."""
+    if Path(ref).suffix.lower() == ".onnx":
+        exported = open_onnx(Path(ref), role)
+        made, num_classes = onnx_subject(exported), exported.num_classes
+    else:
+        loaded = load_checkpoint(ref, arch, role, flag)
+        loaded.model.to(stored_float_dtype(loaded.weights_path) or torch.float32)
+        resolved = own_preprocessing(flags, loaded.stated, native_layer(source.native_size), loaded.arch)
+        made, num_classes = model_subject(loaded, resolved.config, loaded.weights_path), loaded.num_classes
+    if num_classes != source.num_classes:
         raise KdcliError(
-            f"the {role} has {loaded.num_classes} classes but the data has {source.num_classes}; "
+            f"the {role} has {num_classes} classes but the data has {source.num_classes}; "
             "evaluate it on the data it was trained for"
         )
-    resolved = own_preprocessing(flags, loaded.stated, native_layer(source.native_size), loaded.arch)
-    return Subject(loaded, resolved.config, loaded.weights_path)
+    return made
+
+
+def open_onnx(path: Path, role: str) -> Exported:
+    if not path.is_file():
+        raise KdcliError(f"{role} {path} does not exist; pass an .onnx file that kdcli export wrote")
+    require_extra(f"evaluating {path.name}")
+    return read_onnx(path)
 
 
 def probe(loaded: LoadedModel, size: int, role: str, device: torch.device) -> None:

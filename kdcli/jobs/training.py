@@ -15,11 +15,12 @@ import torch
 
 from kdcli.data import DataConfig, DataSource, EvalView, TrainView, eval_loader, open_data
 from kdcli.errors import Interrupted, KdcliError, SignalReceived
-from kdcli.evaluation.assess import Subject, assess, run_info
+from kdcli.evaluation.assess import Subject, assess, model_subject, run_info
 from kdcli.evaluation.gate import check_gate_options, enforce, gate_result
 from kdcli.evaluation.report import stage_entry, stamp, write_report
 from kdcli.fsio import write_text
 from kdcli.jobs.common import probe, resolve_device, subject
+from kdcli.jobs.export import check_request, exported_subjects, write_exports
 from kdcli.jobs.outputs import RECIPE_NAME, Outputs, public
 from kdcli.jobs.plan import (
     ModelChoices, ResolvedModels, TeacherCheck, build_plan, check_teacher, resolve_models, teacher_entries,
@@ -66,10 +67,11 @@ class Run:
 
 
 def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *, listener: Listener,
-                  force: bool = False, resume: bool = False, **options) -> dict:
+                  force: bool = False, resume: bool = False, export: str | None = None, **options) -> dict:
     """distill (with teacher_ref) or train (without): the whole run. Its files are written beside --out and
     moved into place when it succeeds (jobs/outputs.py); a run that stops keeps what --resume needs. A dry run
-    writes nothing and returns the run plan."""
+    writes nothing and returns the run plan. export: formats to export the student to (distill --export)."""
+    formats = check_request(export, has_data=True, flag="--export")
     if options.get("dry_run"):
         folder = Outputs(Path(out)).folder if resume else Path(out)  # where a resumed run's state is
         return prepare(recipe, student_ref, data_spec, folder, resume=resume, **options).plan
@@ -81,7 +83,7 @@ def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *
         outputs.phase = "training"
         outcomes = train(run, listener)
         outputs.phase = "writing and evaluating the student"
-        report = finish(run, outcomes)
+        report = finish(run, outcomes, formats)
     enforce(report)
     return report
 
@@ -228,19 +230,23 @@ def train(run: Run, listener: Listener) -> list[StageOutcome]:
     return outcomes
 
 
-def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
-    """Write the student, assess it, write the report (the training checkpoint goes when the outputs are moved
-    into place)."""
+def finish(run: Run, outcomes: list[StageOutcome], export_formats: list[str] = ()) -> dict:
+    """Write the student (and its exports), assess them, write the report (the training checkpoint goes when the
+    outputs are moved into place); the gate applies to the student and every exported file."""
     folder = run.student_folder
     save_timm_folder(folder, run.student, run.config, run.source.classes, {"recipe_hash": run.recipe.digest()})
+    exported = write_exports(run.student, run.config, run.source, run.source.classes, export_formats,
+                             run.out / "export", run.recipe.seed) if export_formats else []
     teacher = None
     if run.teacher:
         check = run.teacher_check
-        teacher = Subject(run.teacher, run.teacher_config, run.teacher.weights_path, (check.logits, check.labels))
+        teacher = model_subject(run.teacher, run.teacher_config, run.teacher.weights_path,
+                                (check.logits, check.labels))
     settings = run.recipe.data
     evaluation = assess(run.source, run.device, settings.eval_batch_size, settings.workers,
-                        Subject(run.student, run.config, folder / "model.safetensors"), teacher, run.baseline)
-    for entry in (evaluation["student"], evaluation["teacher"], evaluation["baseline"]):
+                        model_subject(run.student, run.config, folder / "model.safetensors"), teacher, run.baseline,
+                        exported_subjects(exported, run.source.native_size))
+    for entry in (evaluation["student"], evaluation["teacher"], evaluation["baseline"], *evaluation["exports"]):
         if entry and entry["path"]:  # where the files will be when the run is moved into place
             entry["path"] = str(public(entry["path"]))
     evaluation["student"]["init"] = run.student.init
