@@ -170,11 +170,11 @@ def teacher_entries(refs: list[str], loaded: list[LoadedModel], checks: list[Tea
                     weights: list[float]) -> list[dict]:
     """Each of several teachers evaluated on the validation split (its teacher check), with its logit weight;
     last, the weighted ensemble of their logits as the `teacher` source makes it."""
-    entries = [{"ref": ref, "arch": t.arch, "weight": round(w, 6), "top1": round(c.top1, 2)}
+    entries = [{"ref": ref, "arch": t.arch, "weight": round(w, 6), "top1": c.top1}
                for ref, t, c, w in zip(refs, loaded, checks, weights)]
     ensemble = sum(w * c.logits.float() for w, c in zip(weights, checks))
     entries.append({"ref": "ensemble", "arch": "+".join(t.arch for t in loaded), "weight": None,
-                    "top1": round(topk_accuracy(ensemble, checks[0].labels, 1), 2)})
+                    "top1": topk_accuracy(ensemble, checks[0].labels, 1)})
     return entries
 
 
