@@ -137,13 +137,21 @@ LOG = typer.Option(None, "--log", help="also log to: tensorboard (needs pip inst
 FORCE = typer.Option(False, "--force", help="write into a non-empty --out")
 
 
+MORE_TEACHERS = typer.Option(None, "--teacher", help="another teacher (repeatable): the teachers' logits are "
+                             "averaged; feature and relation losses tap TEACHER unless they say teacher: N")
+TEACHER_WEIGHTS = typer.Option(None, "--teacher-weights", help="weights of the teachers' logits, TEACHER first, e.g. "
+                               "0.5,0.5 [default: equal]")
+INIT_FROM_TEACHER = typer.Option(False, "--init-from-teacher", help="start the student from the teacher's weights: "
+                                 "every other block, stem and head where shapes fit (same family, fewer blocks)")
+
+
 @app.command(cls=Command, epilog=examples("distill"))
 def distill(
     teacher: str = typer.Argument(..., help="teacher: a .safetensors file, a timm folder, hf-hub:ORG/NAME or ARCH.TAG"),
     student: str = typer.Argument(..., help="student: a timm architecture (random init), ARCH.TAG or hf-hub:ORG/NAME "
                                   "(pretrained), or a .safetensors/folder to start from"),
     data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
-    recipe: str = typer.Option(None, "--recipe", "-r", help="built-in recipe name or YAML file [default: smskd]"),
+    recipe: str = typer.Option(None, "--recipe", "-r", help="built-in recipe name or YAML file [default: joint]"),
     out: Path = typer.Option(Path("kdcli-distill"), "--out", "-o", help="output folder"),
     set_: list[str] = SET,
     seed: int = typer.Option(None, "--seed", help="overrides the recipe's seed"),
@@ -158,6 +166,9 @@ def distill(
     std: str = _std_option("", "the student's"),
     interpolation: str = _interp_option("", "the student's"),
     reset_head: bool = RESET_HEAD,
+    more_teachers: list[str] = MORE_TEACHERS,
+    teacher_weights: str = TEACHER_WEIGHTS,
+    init_from_teacher: bool = INIT_FROM_TEACHER,
     allow_weak_teacher: bool = typer.Option(False, "--allow-weak-teacher", help="train even if the teacher scores "
                                             "at chance on the validation split or its label names differ"),
     device: str = DEVICE,
@@ -184,15 +195,73 @@ def distill(
         teacher_arch, student_arch,
         _flags("teacher-", teacher_image_size, teacher_mean, teacher_std, teacher_interpolation),
         _flags("", image_size, mean, std, interpolation), reset_head, allow_weak_teacher)
+    extra = more_teachers or []
     with _progress() as listener:
         report, failed = _finish(lambda: train_student(
-            plan, student, data, out, teacher_ref=teacher, choices=choices, device_name=device, force=force,
+            plan, student, data, out, teacher_ref=teacher, extra_teachers=extra,
+            teacher_weights=_weights(teacher_weights, 1 + len(extra)),
+            init_from=teacher if init_from_teacher else None, choices=choices, device_name=device, force=force,
             resume=resume, listener=listener, baseline_ref=baseline, baseline_arch=baseline_arch,
             min_top1=min_top1, max_drop=max_drop, dry_run=dry_run, show_plan=_plan_shower(), export=export,
             log=log))
     if dry_run:
         return _dry_run(report, json_)
     _show(report, failed, json_, lambda: print_run(report, out))
+
+
+@app.command(cls=Command, epilog=examples("ablate"))
+def ablate(
+    teacher: str = typer.Argument(..., help="teacher: a .safetensors file, a timm folder, hf-hub:ORG/NAME or ARCH.TAG"),
+    student: str = typer.Argument(..., help="student: a timm architecture (random init), a pretrained name or a "
+                                  "checkpoint to start from"),
+    data: str = typer.Option(..., "--data", "-d", help="ImageFolder root (train/, val/), CIFAR python folder, or 'synthetic'"),
+    recipe: str = typer.Option(None, "--recipe", "-r", help="the sequential recipe whose cells are compared "
+                               "[default: smskd]"),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="runs per cell, seeds recipe.seed, +1, ..."),
+    cells: str = typer.Option(None, "--cells", help="run only these cells, comma-separated (e.g. alone,kd,seq-tcp) "
+                              "[default: all]"),
+    epochs: int = typer.Option(None, "--epochs", help="total epochs of every cell [default: the recipe's total]"),
+    out: Path = typer.Option(Path("kdcli-ablate"), "--out", "-o", help="output folder: one folder per cell and seed, "
+                             "report.json, report.md, ablation.png"),
+    set_: list[str] = SET,
+    more_teachers: list[str] = typer.Option(None, "--teacher", help="another teacher (repeatable): adds the "
+                                            "multi-teacher cell (the other cells distil from TEACHER)"),
+    teacher_weights: str = TEACHER_WEIGHTS,
+    teacher_arch: str = typer.Option(None, "--teacher-arch", help="teacher architecture, if the weights do not say"),
+    student_arch: str = typer.Option(None, "--student-arch", help="student architecture, if its weights do not say"),
+    init_from_teacher: bool = typer.Option(False, "--init-from-teacher", help="start every cell's student (the "
+                                           "student alone's too) from TEACHER's weights (same family, fewer blocks)"),
+    allow_weak_teacher: bool = typer.Option(False, "--allow-weak-teacher", help="train even if a teacher scores at "
+                                            "chance on the validation split"),
+    device: str = DEVICE,
+    force: bool = typer.Option(False, "--force", help="start afresh: write into a non-empty --out, reuse no earlier run"),
+    resume: bool = typer.Option(False, "--resume", help="continue the ablation in --out (also what rerunning does)"),
+    json_: bool = JSON,
+) -> None:
+    """The paper's ablation on your data: student alone, KD, joint, sequential with and without anchor, 1-4 stages."""
+    from kdcli.display import print_ablation
+    from kdcli.jobs.ablate import AblationInputs, run_ablation
+    from kdcli.jobs.plan import ModelChoices
+    from kdcli.training.ablation import BASE_RECIPE
+    from kdcli.training.recipe import load_recipe
+
+    teachers = [teacher, *(more_teachers or [])]
+    base = load_recipe(recipe or BASE_RECIPE, set_ or [])
+    inputs = AblationInputs(
+        teachers, _weights(teacher_weights, len(teachers)), student, data, base, seeds, epochs,
+        ModelChoices(teacher_arch, student_arch, allow_weak_teacher=allow_weak_teacher), init_from_teacher,
+        [name.strip() for name in cells.split(",") if name.strip()] if cells else None)
+    show = None if json_ else (lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
+    summary = run_ablation(inputs, out, device, force and not resume, _progress, show)
+    _print_json(summary) if json_ else print_ablation(summary, out)
+
+
+def _weights(text: str | None, teachers: int) -> list[float] | None:
+    if text is None:
+        return None
+    from kdcli.training.sources import parse_teacher_weights
+
+    return parse_teacher_weights(text, teachers)
 
 
 @app.command(cls=Command, epilog=examples("train"))

@@ -8,6 +8,8 @@ EXAMPLES = {
     "distill": ["kdcli distill teacher/ resnet18 --data data/ --out run1",
                 "kdcli distill teacher/ resnet18 -d data/ -o run1 --baseline baseline/ --min-top1 80 --export onnx",
                 "kdcli distill teacher/ resnet18 -d data/ -o run1 --resume"],
+    "ablate": ["kdcli ablate teacher/ resnet18 --data data/ --out ablation --seeds 3",
+               "kdcli ablate teacher/ resnet18 -d data/ --teacher teacher2/ --cells alone,kd,joint,multi-teacher"],
     "train": ["kdcli train resnet50 --data data/ --epochs 30 --out teacher",
               "kdcli train resnet18 -d data/ --epochs 30 -o baseline --log tensorboard"],
     "eval": ["kdcli eval run1/student --data data/ --teacher teacher/ --out eval1",

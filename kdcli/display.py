@@ -165,6 +165,23 @@ def print_demo(reports: dict, out: Path) -> None:
                       markup=False, highlight=False, soft_wrap=True)
 
 
+def print_ablation(summary: dict, out: Path) -> None:
+    seeds = len(summary["inputs"]["seeds"])
+    table = Table(title=f"kdcli ablate: {summary['student']['arch']} on {summary['data']}, {seeds} seed(s)")
+    for column in ("cell", "epochs", "top-1 %", "vs alone", "vs KD", "time"):
+        table.add_column(column, justify="left" if column in ("cell", "epochs") else "right", no_wrap=True)
+    for row in summary["cells"]:
+        top1 = f"{row['top1_mean']:.2f}" + ("" if row["top1_std"] is None else f" ± {row['top1_std']:.2f}")
+        signed = ["–" if row[k] is None else f"{row[k]:+.2f}" for k in ("vs_alone", "vs_kd")]
+        table.add_row(row["cell"], row["epochs"], top1, *signed, f"{row['train_seconds_mean']:.0f}s")
+    out_console.print(table)
+    teachers = "; ".join(f"{t['arch']} {t['top1']:.2f}%" for t in summary["teachers"])
+    if teachers:
+        out_console.print(f"teacher top-1: {teachers}", markup=False, highlight=False, soft_wrap=True)
+    out_console.print(f"best: {summary['best']}; report in {out / 'report.md'}", markup=False, highlight=False,
+                      soft_wrap=True)
+
+
 def print_methods(rows: list[dict]) -> None:
     from kdcli.models.inspection import brief
 
@@ -231,6 +248,10 @@ def print_plan(plan: dict, stderr: bool = False) -> None:
                 say(f"           val top-1 {check['top1']:.1f}% (chance {check['chance']:.1f}%, needs "
                     f"{check['threshold']:.1f}%): {check['result']}")
             say(f"           gets {entry['input']}")
+    for number, teacher in enumerate(plan.get("teachers") or []):
+        which = "ensemble" if teacher["weight"] is None else f"teacher.{number}"
+        weight = "" if teacher["weight"] is None else f", logit weight {teacher['weight']:g}"
+        say(f"  {which:<8} {teacher['arch']} ({teacher['ref']}): val top-1 {teacher['top1']:.1f}%{weight}")
     steps = plan["steps"]
     shared = steps.get("processes", 1)
     split = f" (the global batch: {shared} processes x {steps['batch_size'] // shared})" if shared > 1 else ""

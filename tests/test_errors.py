@@ -45,6 +45,9 @@ class Call:
     def distill(self, teacher=None, student="test_efficientnet", *extra, data=DATA, out=None):
         return ["distill", teacher or self.teacher, student, "--data", data, "--out", out or self.out, *FAST, *extra]
 
+    def ablate(self, *extra, out=None):
+        return ["ablate", self.teacher, "test_resnet", "--data", DATA, "--seeds", "1", "--out", out or self.out, *extra]
+
     def file(self, name, content=b""):
         path = self.tmp / name
         path.write_bytes(content)
@@ -517,6 +520,23 @@ CASES = {
         lambda c: ["export", c.teacher, "--format", "onnx", "--out", c.out, "--min-top1", "50"],
         ["validation split", "pass --data"]),
     "onnx-without-metadata": (lambda c: onnx_without_metadata(c), ["no kdcli metadata", "kdcli export"]),
+    # several teachers, a student from the teacher, ablate
+    "teacher-weights-count": (
+        lambda c: c.distill(None, "test_efficientnet", "--teacher", c.teacher, "--teacher-weights", "1,2,3"),
+        ["--teacher-weights 1,2,3", "expected 2 non-negative numbers"]),
+    "teacher-index-out-of-range": (
+        lambda c: c.distill(None, "test_efficientnet", "--recipe", tapping_teacher_1(c)),
+        ["reads the teacher.1", "there is 1 teacher", "--teacher"]),
+    "init-from-teacher-nothing-fits": (
+        lambda c: c.distill(None, "test_vit", "--init-from-teacher"),
+        ["--init-from-teacher: no weight of the teacher (test_resnet) fits the student (test_vit)", "fewer blocks"]),
+    "init-from-teacher-student-checkpoint": (
+        lambda c: c.distill(None, c.teacher, "--init-from-teacher"),
+        ["--init-from-teacher starts a fresh student", "architecture name"]),
+    "ablate-unknown-cell": (lambda c: c.ablate("--cells", "kd,seq-tpc"), ["--cells: no cell 'seq-tpc'", "seq-tcp"]),
+    "ablate-too-few-epochs": (lambda c: c.ablate("--epochs", "2"), ["--epochs 2 is too few", "--epochs 3 or more"]),
+    "ablate-other-inputs": (
+        lambda c: c.ablate("--epochs", "4", out=earlier_ablation(c)), ["holds an ablation with another epochs"]),
 }
 
 
@@ -529,6 +549,28 @@ ELSEWHERE = {
        for case in ("batch-not-shared-evenly", "train-smaller-than-a-batch", "command-not-distributed")},
     "missing-tensorboard": ("test_terminal", "test_log_tensorboard_without_the_package_is_one_line_before_any_work"),
 }
+
+
+def tapping_teacher_1(c):
+    recipe = c.tmp / "tap1.yaml"
+    stage = ("  - name: {}\n    epochs: 1\n    losses:\n"
+             "      - {{method: rkd, teacher: 1, tap: {{student: penultimate, teacher: penultimate}}}}\n")
+    recipe.write_text("name: tap1\nstages:\n" + stage.format("rkd") + stage.format("again"))
+    return recipe
+
+
+def earlier_ablation(c):
+    """An ablation folder of the same inputs at 3 epochs (its marker, as kdcli writes it)."""
+    import json
+
+    from kdcli.jobs.ablate import MARKER, AblationInputs
+    from kdcli.jobs.plan import ModelChoices
+    from kdcli.training.recipe import load_recipe
+
+    c.out.mkdir()
+    earlier = AblationInputs([str(c.teacher)], None, "test_resnet", DATA, load_recipe("smskd"), 1, 3, ModelChoices())
+    (c.out / MARKER).write_text(json.dumps(earlier.identity()))
+    return c.out
 
 
 @pytest.fixture

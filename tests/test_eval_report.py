@@ -13,7 +13,7 @@ import pytest
 from conftest import DATA
 from kdcli.evaluation.report import report_schema
 
-FAST = ["--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1"]
+FAST = ["--recipe", "kd-anchored", "--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1"]
 ACCURACY = ("top1", "top5", "nll", "ece")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

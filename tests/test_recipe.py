@@ -26,12 +26,14 @@ def problem(tmp_path, data) -> str:
     return str(err.value)
 
 
-def test_builtins_load_and_default_is_smskd():
-    assert {"kd-anchored", "supervised"} <= set(builtin_names())
+def test_builtins_load_and_default_is_joint():
+    assert {"kd-anchored", "supervised", "smskd"} <= set(builtin_names())
     default = load_recipe(None)
-    assert default.name == "smskd"
-    assert default.stages[0].anchor.weighting == "none"
-    assert all(s.anchor.weighting == "tcp" for s in default.stages[1:])
+    assert default.name == "joint"
+    assert [[loss.method for loss in s.losses] for s in default.stages] == [["kd", "fitnets", "rkd"]]
+    smskd = load_recipe("smskd")
+    assert smskd.stages[0].anchor.weighting == "none"
+    assert all(s.anchor.weighting == "tcp" for s in smskd.stages[1:])
 
 
 def test_stage_optimizer_inherits_and_overrides(tmp_path):

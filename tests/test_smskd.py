@@ -16,9 +16,10 @@ from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals
 ONE_EPOCH = ["--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1", "--set", "stages.2.epochs=1"]
 
 
-def test_default_recipe_is_three_stage_smskd_and_the_student_loads_in_timm(cli, teacher_dir, tmp_path):
+def test_smskd_runs_three_stages_and_the_student_loads_in_timm(cli, teacher_dir, tmp_path):
     out = tmp_path / "run"
-    result = cli("distill", teacher_dir, "test_efficientnet", "--data", DATA, "--out", out, *ONE_EPOCH, "--json")
+    result = cli("distill", teacher_dir, "test_efficientnet", "--data", DATA, "--out", out, "--recipe", "smskd",
+                 *ONE_EPOCH, "--json")
     assert result.code == 0, result.err
     report = result.json()
     assert report["recipe"]["name"] == "smskd"
@@ -42,7 +43,7 @@ def test_connectors_are_in_the_training_checkpoint_and_resume(cli, teacher_dir, 
         return len(calls) >= 6
 
     monkeypatch.setattr(StopSignals, "requested", stop_in_feature_stage)
-    args = ["distill", teacher_dir, "resnet10t", "--data", DATA, "--out", out, *ONE_EPOCH]
+    args = ["distill", teacher_dir, "resnet10t", "--data", DATA, "--out", out, "--recipe", "smskd", *ONE_EPOCH]
     assert cli(*args).code == 130
     with safetensors.safe_open(str(out / CHECKPOINT_NAME), "pt") as handle:
         keys = list(handle.keys())
@@ -128,7 +129,8 @@ def test_inspect_an_arch_and_a_checkpoint(cli, teacher_dir):
 
 def test_default_recipe_runs_with_a_vit_student_at_32(cli, teacher_dir, tmp_path):
     out = tmp_path / "vit"
-    result = cli("distill", teacher_dir, "test_vit", "--data", DATA, "--out", out, *ONE_EPOCH, "--json")
+    result = cli("distill", teacher_dir, "test_vit", "--data", DATA, "--out", out, "--recipe", "smskd", *ONE_EPOCH,
+                 "--json")
     assert result.code == 0, result.err
     assert [s["name"] for s in result.json()["stages"]] == ["response", "feature", "relation"]
     config = json.loads((out / "student/config.json").read_text())

@@ -50,7 +50,7 @@ def test_every_command_has_readable_help(cli, monkeypatch, path, command):
 def test_help_shows_defaults_written_in_the_help_text(cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")
     text = " ".join(cli("distill", "--help").out.split())
-    assert "[default: smskd]" in text and "[default: kdcli-distill]" in text
+    assert "[default: joint]" in text and "[default: kdcli-distill]" in text
     assert "--force write into a non-empty --out" in text  # no value after a flag
 
 

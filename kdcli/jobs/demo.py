@@ -12,24 +12,27 @@ from pathlib import Path
 from kdcli.jobs.outputs import Outputs
 from kdcli.jobs.plan import ModelChoices
 from kdcli.jobs.training import train_student
+from kdcli.training.ablation import stage_lengths
 from kdcli.training.recipe import DEFAULT_RECIPE, load_recipe
 
 TEACHER = "resnet10t"
 STUDENT = "test_resnet"
 TEACHER_EPOCHS = 7
-# The distilled student gets exactly the baseline's epochs, split over the default recipe's stages.
-STAGE_EPOCHS = (5, 1, 1)
+# The distilled student gets exactly the baseline's epochs, split over the default recipe's stages as ablate
+# splits a budget (later stages keep their share, the first takes the rest).
+STUDENT_EPOCHS = 7
 
 
 def run_demo(out: Path, data: str, teacher_arch: str, student_arch: str, device: str, force: bool,
              progress) -> dict[str, dict]:
     """progress(label) -> a listener context manager; returns the reports of teacher, baseline, distilled."""
     supervised = "supervised"
+    lengths = stage_lengths(load_recipe(DEFAULT_RECIPE), STUDENT_EPOCHS)
     runs = {
         "teacher": (load_recipe(supervised, [f"stages.0.epochs={TEACHER_EPOCHS}"]), teacher_arch, None, "train"),
-        "baseline": (load_recipe(supervised, [f"stages.0.epochs={sum(STAGE_EPOCHS)}"]), student_arch, None, "train"),
+        "baseline": (load_recipe(supervised, [f"stages.0.epochs={STUDENT_EPOCHS}"]), student_arch, None, "train"),
         "distilled": (
-            load_recipe(DEFAULT_RECIPE, [f"stages.{i}.epochs={e}" for i, e in enumerate(STAGE_EPOCHS)]),
+            load_recipe(DEFAULT_RECIPE, [f"stages.{i}.epochs={e}" for i, e in enumerate(lengths)]),
             student_arch, "teacher", "distill",  # the teacher trained first
         ),
     }

@@ -51,21 +51,30 @@ class ResolvedModels:
     student_pre: Resolved
     started_from_weights: bool
     notes: list[str] = field(default_factory=list)
+    more_teachers: list[tuple[LoadedModel, Resolved]] = field(default_factory=list)  # --teacher, in order
+    init_from_teacher: dict | None = None  # what --init-from-teacher copied
+
+
+def _load_teacher(ref: str, arch: str | None, flags: Layer | None, native: Layer, source: DataSource,
+                  name: str = "the teacher") -> tuple[LoadedModel, Resolved]:
+    teacher = build(open_source(ref, arch, "teacher", "--teacher-arch"))
+    if teacher.num_classes != source.num_classes:
+        raise KdcliError(
+            f"{name} has {teacher.num_classes} classes but the data has {source.num_classes}; "
+            "pass the data the teacher was trained on, or a teacher for this data"
+        )
+    return teacher, own_preprocessing(flags, teacher.stated, native, teacher.arch)
 
 
 def resolve_models(student_ref: str, teacher_ref: str | None, source: DataSource, choices: ModelChoices,
-                   recipe_layer: Layer | None, seed: int) -> ResolvedModels:
-    """Load the teacher and the student's start, resolve both preprocessings, build the student (seeded)."""
+                   recipe_layer: Layer | None, seed: int, more_teachers: list[str] = ()) -> ResolvedModels:
+    """Load the teacher(s) and the student's start, resolve their preprocessings, build the student (seeded).
+    Teacher flags apply to TEACHER; each --teacher is fed as its own config says."""
     native = native_layer(source.native_size, f" ({source.sizes})" if source.sizes else "")
     teacher = teacher_pre = None
     if teacher_ref:
-        teacher = build(open_source(teacher_ref, choices.teacher_arch, "teacher", "--teacher-arch"))
-        if teacher.num_classes != source.num_classes:
-            raise KdcliError(
-                f"the teacher has {teacher.num_classes} classes but the data has {source.num_classes}; "
-                "pass the data the teacher was trained on, or a teacher for this data"
-            )
-        teacher_pre = own_preprocessing(choices.teacher_flags, teacher.stated, native, teacher.arch)
+        teacher, teacher_pre = _load_teacher(teacher_ref, choices.teacher_arch, choices.teacher_flags, native, source)
+    more = [_load_teacher(ref, None, None, native, source, f"the teacher {ref}") for ref in more_teachers]
     start = open_source(student_ref, choices.student_arch, "student", "--student-arch") \
         if is_checkpoint_ref(student_ref) else None
     arch = start.arch if start else student_ref
@@ -86,8 +95,8 @@ def resolve_models(student_ref: str, teacher_ref: str | None, source: DataSource
             raise KdcliError(f"the student {student_ref} has {differ}; pass --reset-head to keep its backbone with a "
                              "new head for the data's classes, or start from an architecture name")
         student = build(start, source.num_classes, size, new_head=other or choices.reset_head)
-    notes = [*(teacher.notes if teacher else []), *student.notes]
-    return ResolvedModels(teacher, teacher_pre, student, student_pre, start is not None, notes)
+    notes = [*(teacher.notes if teacher else []), *(n for t, _ in more for n in t.notes), *student.notes]
+    return ResolvedModels(teacher, teacher_pre, student, student_pre, start is not None, notes, more)
 
 
 def _labels_differ(labels: list[str] | None, classes: list[str]) -> bool:
@@ -157,6 +166,18 @@ def check_teacher(teacher: LoadedModel, pre: Resolved, source: DataSource, devic
             "or pass --allow-weak-teacher"
         )
     return TeacherCheck(top1, 100 * chance, 100 * threshold, labels_match, weak, weak and allow_weak, logits, labels)
+
+
+def teacher_entries(refs: list[str], loaded: list[LoadedModel], checks: list[TeacherCheck],
+                    weights: list[float]) -> list[dict]:
+    """Each of several teachers evaluated on the validation split (its teacher check), with its logit weight;
+    last, the weighted ensemble of their logits as the `teacher` source makes it."""
+    entries = [{"ref": ref, "arch": t.arch, "weight": round(w, 6), "top1": c.top1}
+               for ref, t, c, w in zip(refs, loaded, checks, weights)]
+    ensemble = sum(w * c.logits.float() for w, c in zip(weights, checks))
+    entries.append({"ref": "ensemble", "arch": "+".join(t.arch for t in loaded), "weight": None,
+                    "top1": topk_accuracy(ensemble, checks[0].labels, 1)})
+    return entries
 
 
 def _significant_count(n: int, p0: float) -> int:
@@ -244,7 +265,8 @@ def build_plan(kind: str, recipe, source: DataSource, models: ResolvedModels, st
         "data": {"description": source.description, "train": len(source.train), "val": len(source.val),
                  "classes": source.num_classes, "image_sizes": source.sizes or None},
         "teacher": teacher,
-        "student": model_entry(models.student, models.student_pre, student_ref),
+        "student": {**model_entry(models.student, models.student_pre, student_ref),
+                    **({"init_from_teacher": models.init_from_teacher} if models.init_from_teacher else {})},
         "steps": {"per_epoch": steps, "epochs": epochs, "total": steps * epochs, "batch_size": recipe.data.batch_size,
                   "processes": processes},  # batch_size is the global batch, shared by the processes
         "estimate": {"seconds": round(seconds), "device": str(device), "threads": torch.get_num_threads()},

@@ -25,12 +25,16 @@ from kdcli.fsio import write_text
 from kdcli.jobs.common import probe, resolve_device, subject
 from kdcli.jobs.export import check_request, exported_subjects, write_exports
 from kdcli.jobs.outputs import RECIPE_NAME, Outputs, public
-from kdcli.jobs.plan import ModelChoices, TeacherCheck, build_plan, check_teacher, resolve_models
+from kdcli.jobs.plan import (
+    ModelChoices, ResolvedModels, TeacherCheck, build_plan, check_teacher, resolve_models, teacher_entries,
+)
 from kdcli.jobs.resume import check_same_run, identity, open_resume
 from kdcli.jobs.runlog import Listeners, RunLog, check_loggers
-from kdcli.models.checkpoint import LoadedModel, save_timm_folder
+from kdcli.models.checkpoint import LoadedModel, build, open_source, save_timm_folder
+from kdcli.models.init_from_teacher import describe, init_from_teacher
 from kdcli.models.preprocessing import recipe_layer, teacher_input
 from kdcli.training.engine import EpochRecord, Listener, StopRequested, Term, TrainingData
+from kdcli.training.sources import identity as identity_input
 from kdcli.training.pipeline import Checkpoint, Models, StageOutcome, check_plan, restore_models, run_stages
 from kdcli.training.recipe import Recipe
 from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals, restoring
@@ -59,6 +63,7 @@ class Run:
     started: float
     teacher_check: TeacherCheck | None = None  # the teacher's validation predictions, reused by the report
     plan: dict | None = None
+    teachers: list[dict] | None = None  # with several teachers: each one's ref, arch, weight and top-1
 
     @property
     def student_folder(self) -> Path:
@@ -95,7 +100,8 @@ def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *
     if options.get("dry_run"):
         folder = Outputs(Path(out)).folder if resume else Path(out)  # where a resumed run's state is
         return prepare(recipe, student_ref, data_spec, folder, resume=resume, **options).plan
-    inputs = {"teacher": options.get("teacher_ref"), "baseline": options.get("baseline_ref"), "student": student_ref}
+    inputs = {"teacher": options.get("teacher_ref"), "baseline": options.get("baseline_ref"), "student": student_ref,
+              **{f"teacher {i}": ref for i, ref in enumerate(options.get("extra_teachers") or (), 1)}}
     outputs = Outputs(Path(out), force=force, resume=resume, data=data_spec, inputs=inputs, in_place=("student",),
                       phase="checking the inputs")
     with outputs if distributed.is_writer() else nullcontext(outputs):
@@ -117,6 +123,9 @@ def prepare(
     out: Path,
     *,
     teacher_ref: str | None = None,
+    extra_teachers: list[str] = (),
+    teacher_weights: list[float] | None = None,
+    init_from: str | None = None,
     teacher_arch: str | None = None,
     student_arch: str | None = None,
     choices: ModelChoices | None = None,
@@ -145,11 +154,19 @@ def prepare(
     settings = recipe.data
     check_shares(settings.batch_size, len(source.train))
     from_recipe = recipe_layer(settings.image_size, settings.mean, settings.std)
-    resolved = resolve_models(student_ref, teacher_ref, source, choices, from_recipe, recipe.seed)
+    resolved = resolve_models(student_ref, teacher_ref, source, choices, from_recipe, recipe.seed, extra_teachers)
     teacher, student, config = resolved.teacher, resolved.student, resolved.student_pre.config
+    if init_from is not None:
+        start_from_teacher(resolved, init_from, teacher_ref, student_ref, choices)
+    weights = teacher_weights or [1 / (1 + len(extra_teachers))] * (1 + len(extra_teachers))
+    teacher_id = identity(teacher, teacher_ref)
+    if extra_teachers:
+        ids = [teacher_id, *(identity(t, ref) for (t, _), ref in zip(resolved.more_teachers, extra_teachers))]
+        teacher_id = [[one, weight] for one, weight in zip(ids, weights)]
     fingerprint = {
         "kind": kind, "recipe": recipe.to_dict(), "data": source.description, "data_identity": source.identity,
-        "teacher": identity(teacher, teacher_ref), "student": identity(student, student_ref),
+        "teacher": teacher_id, "student": identity(student, student_ref),
+        **({"init_from": init_from} if init_from else {}),
     }
     if state is not None:  # before the teacher check: other inputs are the likelier and cheaper mistake
         check_same_run(out, state["fingerprint"], fingerprint)
@@ -164,6 +181,11 @@ def prepare(
         check = check_teacher(teacher, resolved.teacher_pre, source, device, settings.eval_batch_size,
                               settings.workers, choices.allow_weak_teacher)
         adapter = teacher_input(config, teacher_config)
+    more_teachers, teachers = [], None
+    if extra_teachers:
+        more_teachers, checks = _check_more_teachers(resolved, source, device, recipe, choices.allow_weak_teacher)
+        teachers = teacher_entries([teacher_ref, *extra_teachers], [teacher, *(t for t, _ in resolved.more_teachers)],
+                                   [check, *checks], weights)
     data = TrainingData(
         view=TrainView(source.train, config, settings.augment.hflip, settings.augment.crop, recipe.seed),
         val_loader=eval_loader(EvalView(source.val, config), settings.eval_batch_size, settings.workers),
@@ -171,13 +193,15 @@ def prepare(
     )
     teacher_in = adapter.to(device) if adapter is not None else (lambda x: x)
     models = Models(student.model, resolved.started_from_weights, teacher.model if teacher else None,
-                    config.image_size, teacher_in)
+                    config.image_size, teacher_in, more_teachers, weights if extra_teachers else None)
     all_terms = check_plan(recipe, models)
     plan = build_plan(kind, recipe, source, resolved, student_ref, teacher_ref, check, data.view, device)
     written_by = state.get("world_size", 1) if state is not None else distributed.world_size()
     if written_by != distributed.world_size():
         plan["notes"].append(f"resuming a run written by {written_by} process{'es' if written_by > 1 else ''} on "
                              f"{distributed.world_size()}: the same global batches, in the same order")
+    if teachers:
+        plan["teachers"] = teachers
     if show_plan is not None and not dry_run:
         show_plan(plan)
     checkpoint = Checkpoint(out / CHECKPOINT_NAME, fingerprint, tensors=tensors, state=state)
@@ -185,7 +209,38 @@ def prepare(
         with restoring(checkpoint.path):
             restore_models(checkpoint, models, all_terms)
     return Run(kind, recipe, out, device, source, student, config, teacher, teacher_config, baseline, models,
-               all_terms, data, checkpoint, min_top1, max_drop, started, check, plan)
+               all_terms, data, checkpoint, min_top1, max_drop, started, check, plan, teachers)
+
+
+def _check_more_teachers(resolved: ResolvedModels, source: DataSource, device: torch.device, recipe: Recipe,
+                         allow_weak: bool) -> tuple[list, list[TeacherCheck]]:
+    """Each --teacher on the device, probed and checked on the validation split like TEACHER; returns their
+    (model, input preparation) pairs for the `teacher` source and their checks."""
+    config, settings = resolved.student_pre.config, recipe.data
+    members, checks = [], []
+    for loaded, pre in resolved.more_teachers:
+        loaded.model.to(device).eval().requires_grad_(False)
+        probe(loaded, pre.config.image_size, "teacher", device)
+        checks.append(check_teacher(loaded, pre, source, device, settings.eval_batch_size, settings.workers,
+                                    allow_weak))
+        prepare = teacher_input(config, pre.config)
+        members.append((loaded.model, prepare.to(device) if prepare is not None else identity_input))
+    return members, checks
+
+
+def start_from_teacher(resolved: ResolvedModels, init_from: str, teacher_ref: str | None, student_ref: str,
+                       choices: ModelChoices) -> None:
+    """--init-from-teacher: copy what fits of the teacher into the fresh student; the plan and report say what."""
+    if resolved.started_from_weights:
+        raise KdcliError(f"--init-from-teacher starts a fresh student from the teacher, but the student {student_ref} "
+                         "is a checkpoint; pass an architecture name as STUDENT, or drop --init-from-teacher")
+    teacher = resolved.teacher if resolved.teacher is not None and init_from == teacher_ref else \
+        build(open_source(init_from, choices.teacher_arch, "teacher", "--teacher-arch"))
+    student = resolved.student
+    summary = init_from_teacher(student.model, teacher.model, student.arch, teacher.arch)
+    student.init = describe(summary)
+    resolved.started_from_weights = True  # a first-stage anchor may hold the student to these weights
+    resolved.init_from_teacher = summary
 
 
 def check_shares(batch_size: int, train_size: int) -> None:
@@ -254,6 +309,7 @@ def finish(run: Run, outcomes: list[StageOutcome], export_formats: list[str] = (
         "recipe": {"name": run.recipe.name, "hash": run.recipe.digest(), "resolved": run.recipe.to_dict()},
         "stages": [stage_entry(o) for o in outcomes],
         **evaluation,
+        **({"teachers": run.teachers} if run.teachers else {}),
         "plan": run.plan,
     })
     report["gate"] = gate_result(report, run.min_top1, run.max_drop)

@@ -3,18 +3,21 @@
     teacher    the teacher, frozen, its input re-normalised from the student's preprocessing to its own
     reference  a frozen copy of the student as it entered the stage (what the anchor holds the student to)
 
+With several teachers, `teacher` is their ensemble: logits averaged with the teacher weights, features from teacher
+0 (the TEACHER argument); `teacher.N` is teacher N alone (0 = TEACHER, 1 = the first --teacher, ...), which a
+feature or relation method taps with `teacher: N`.
+
 A source turns the step's batch into Outputs (logits, features at tap keys); a method reads them by name and
 cannot tell how they were made. The engine knows sources only through this interface. Adding a source = a class
 with `outputs` (and `state`/`load_state` if a checkpoint must hold it) + one entry in KINDS. Stored outputs
-would be a source that looks the batch's views up instead of running a model; several teachers would be more
-entries (`teacher.0`, `teacher.1`, an averaged `teacher`).
+would be a source that looks the batch's views up instead of running a model.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -85,6 +88,11 @@ class Models:
     teacher: nn.Module | None
     image_size: int
     teacher_input: Callable[[torch.Tensor], torch.Tensor] = identity
+    more_teachers: list[tuple[nn.Module, Callable]] = field(default_factory=list)  # (model, input) of teacher 1, 2, ..
+    teacher_weights: list[float] | None = None  # of every teacher's logits in the ensemble; None: equal
+
+    def teachers(self) -> list[tuple[nn.Module, Callable]]:
+        return [(self.teacher, self.teacher_input), *self.more_teachers] if self.teacher is not None else []
 
 
 @dataclass(frozen=True)
@@ -94,13 +102,64 @@ class SourceKind:
     unavailable: Callable[[int, Models], str | None]  # why stage i cannot have it (None: it can)
 
 
+class TeacherEnsemble:
+    """Several teachers as one `teacher`: the weighted mean of their logits; features from teacher 0."""
+
+    hint = "check the teachers' weights and preprocessing"
+
+    def __init__(self, members: list[FrozenModel], weights: list[float]):
+        self.name, self.members, self.weights = TEACHER, members, weights
+
+    def outputs(self, batch: Batch, reads: Reads) -> Outputs:
+        first = self.members[0].outputs(batch, reads)
+        logits = None
+        if reads.logits:
+            others = [m.outputs(batch, Reads(logits=True)).logits for m in self.members[1:]]
+            logits = sum(w * z.float() for w, z in zip(self.weights, [first.logits, *others]))
+        return Outputs(logits, first.features)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        return None
+
+
+def _member(models: Models, index: int) -> FrozenModel:
+    model, prepare = models.teachers()[index]
+    return FrozenModel(f"{TEACHER}.{index}", model, f"check teacher {index}'s weights and preprocessing", prepare)
+
+
+def _teacher(index: int, models: Models) -> Source:
+    if not models.more_teachers:
+        return FrozenModel(TEACHER, models.teacher, "check its weights and preprocessing", models.teacher_input)
+    count = len(models.teachers())
+    weights = models.teacher_weights or [1 / count] * count
+    return TeacherEnsemble([_member(models, i) for i in range(count)], weights)
+
+
+NO_TEACHER = "this command has no teacher; give one (kdcli distill TEACHER STUDENT) or drop those losses"
+
+
+def _one_teacher(number: int) -> SourceKind:
+    """`teacher.N`: teacher N alone."""
+    def unavailable(index: int, models: Models) -> str | None:
+        count = len(models.teachers())
+        if number < count:
+            return None
+        return NO_TEACHER if not count else (
+            f"there {'is' if count == 1 else 'are'} {count} teacher{'s' * (count != 1)} (0 = TEACHER, then each "
+            f"--teacher): give more with --teacher, or tap one of 0..{count - 1}")
+
+    return SourceKind(network=lambda models: models.teachers()[number][0],
+                      build=lambda index, models: _member(models, number), unavailable=unavailable)
+
+
 KINDS: dict[str, SourceKind] = {
     TEACHER: SourceKind(
         network=lambda models: models.teacher,
-        build=lambda index, models: FrozenModel(TEACHER, models.teacher, "check its weights and preprocessing",
-                                                models.teacher_input),
-        unavailable=lambda index, models: None if models.teacher is not None else (
-            "this command has no teacher; give one (kdcli distill TEACHER STUDENT) or drop those losses"),
+        build=_teacher,
+        unavailable=lambda index, models: None if models.teacher is not None else NO_TEACHER,
     ),
     REFERENCE: SourceKind(
         network=lambda models: models.student,
@@ -116,6 +175,9 @@ KINDS: dict[str, SourceKind] = {
 
 
 def _kind(name: str) -> SourceKind:
+    prefix, _, number = name.partition(".")
+    if prefix == TEACHER and number.isdigit():
+        return _one_teacher(int(number))
     if name not in KINDS:
         raise KdcliError(f"no source '{name}'; the sources are {', '.join(KINDS)}")
     return KINDS[name]
@@ -136,3 +198,15 @@ def network(name: str, models: Models) -> nn.Module:
 def build(index: int, names, models: Models) -> dict[str, Source]:
     """The sources stage `index` reads, made as it starts (the reference is copied from the student now)."""
     return {name: _kind(name).build(index, models) for name in names}
+
+
+def parse_teacher_weights(text: str, teachers: int) -> list[float]:
+    """--teacher-weights 0.5,0.5 -> one non-negative weight per teacher, normalised to sum 1."""
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != teachers or any(not w >= 0 for w in weights) or not sum(weights) > 0:
+        raise KdcliError(f"--teacher-weights {text}: expected {teachers} non-negative numbers, one per teacher "
+                         f"(TEACHER first, then each --teacher), not all zero, e.g. {','.join(['0.5'] * teachers)}")
+    return [w / sum(weights) for w in weights]

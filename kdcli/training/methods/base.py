@@ -33,6 +33,22 @@ class MethodParams(BaseModel):
     weight: float = Field(1.0, ge=0, le=FLOAT32_MAX, description="multiplies this loss in the stage's sum")
 
 
+def teacher_source(number: int) -> str:
+    """The source a method taps for teacher `number`: 'teacher' for 0 (TEACHER itself, also with several
+    teachers), 'teacher.N' for the N-th --teacher."""
+    return TEACHER if number == 0 else f"{TEACHER}.{number}"
+
+
+class TappingParams(MethodParams):
+    """Parameters of a method that taps a teacher's features: which teacher, when there are several."""
+
+    teacher: int = Field(0, ge=0, description="the teacher it taps: 0 = TEACHER, N = the N-th --teacher")
+
+    @property
+    def source(self) -> str:
+        return teacher_source(self.teacher)
+
+
 @dataclass(frozen=True)
 class Reads:
     """What is read from one model in a step: its logits, and its features at these tap keys."""
@@ -155,9 +171,9 @@ class TapPair(BaseModel):
     teacher: Tap
 
 
-def pairs_needs(pairs: list[TapPair]) -> Needs:
-    """The student's and the teacher's features at tap pairs."""
+def pairs_needs(pairs: list[TapPair], teacher: str = TEACHER) -> Needs:
+    """The student's features and the teacher's (the source named `teacher`) at tap pairs."""
     return {
         STUDENT: Reads(taps=tuple(dict.fromkeys(p.student for p in pairs))),
-        TEACHER: Reads(taps=tuple(dict.fromkeys(p.teacher for p in pairs))),
+        teacher: Reads(taps=tuple(dict.fromkeys(p.teacher for p in pairs))),
     }

@@ -16,7 +16,7 @@ from torch import nn
 from kdcli.errors import KdcliError
 from kdcli.training.methods.functional import as_float
 from kdcli.training.methods.base import (
-    STUDENT, TEACHER, Method, MethodParams, Needs, StepInputs, TapPair, pairs_needs,
+    STUDENT, Method, Needs, StepInputs, TapPair, TappingParams, pairs_needs,
 )
 
 
@@ -44,7 +44,7 @@ def _default_pairs(*indices: int) -> list[TapPair]:
     return [TapPair(student=f"feature:{i}", teacher=f"feature:{i}") for i in indices]
 
 
-class FitNetsParams(MethodParams):
+class FitNetsParams(TappingParams):
     method: Literal["fitnets"] = "fitnets"
     weight: float = Field(100.0, ge=0, description="multiplies this loss in the stage's sum")
     pairs: list[TapPair] = Field(
@@ -73,13 +73,13 @@ class FitNets(Method):
         self.pooled: list[bool] = []
 
     def needs(self) -> Needs:
-        return pairs_needs(self.params.pairs)
+        return pairs_needs(self.params.pairs, self.params.source)
 
     def setup(self, shapes) -> None:
         self.connectors = nn.ModuleList()
         self.pooled = []
         for pair in self.params.pairs:
-            s, t = shapes[STUDENT][pair.student], shapes[TEACHER][pair.teacher]
+            s, t = shapes[STUDENT][pair.student], shapes[self.params.source][pair.teacher]
             what = f"fitnets pair {pair.student} -> {pair.teacher}"
             if len(s) not in (2, 3, 4) or len(t) not in (2, 3, 4):
                 raise KdcliError(f"{what}: cannot use a {_kind(s)} or {_kind(t)}; tap a feature map, tokens or penultimate")
@@ -98,7 +98,7 @@ class FitNets(Method):
     def forward(self, step: StepInputs) -> torch.Tensor:
         total = 0.0
         for pair, connector, pooled in zip(self.params.pairs, self.connectors, self.pooled):
-            f_t = as_float(step.sources[TEACHER].features[pair.teacher])
+            f_t = as_float(step.sources[self.params.source].features[pair.teacher])
             f_s = as_float(step.student.features[pair.student])
             if pooled:
                 f_t, f_s = pool_to_vector(f_t), pool_to_vector(f_s)
@@ -109,7 +109,7 @@ class FitNets(Method):
         return total
 
 
-class AttentionParams(MethodParams):
+class AttentionParams(TappingParams):
     method: Literal["at"] = "at"
     weight: float = Field(1000.0, ge=0, description="multiplies this loss in the stage's sum")
     p: float = Field(2.0, gt=0, description="exponent of |f| before the channel mean")
@@ -133,11 +133,11 @@ class AttentionTransfer(Method):
     Params = AttentionParams
 
     def needs(self) -> Needs:
-        return pairs_needs(self.params.pairs)
+        return pairs_needs(self.params.pairs, self.params.source)
 
     def setup(self, shapes) -> None:
         for pair in self.params.pairs:
-            for side, key in ((STUDENT, pair.student), (TEACHER, pair.teacher)):
+            for side, key in ((STUDENT, pair.student), (self.params.source, pair.teacher)):
                 shape = shapes[side][key]
                 if len(shape) != 4:
                     raise KdcliError(
@@ -149,7 +149,7 @@ class AttentionTransfer(Method):
     def forward(self, step: StepInputs) -> torch.Tensor:
         total = 0.0
         for pair in self.params.pairs:
-            f_s, f_t = step.student.features[pair.student], step.sources[TEACHER].features[pair.teacher]
+            f_s, f_t = step.student.features[pair.student], step.sources[self.params.source].features[pair.teacher]
             size = (min(f_s.shape[-2], f_t.shape[-2]), min(f_s.shape[-1], f_t.shape[-1]))
             a_s = attention_map(match_spatial(as_float(f_s), size), self.params.p)
             a_t = attention_map(match_spatial(as_float(f_t), size), self.params.p)

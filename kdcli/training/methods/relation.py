@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from kdcli.training.methods.functional import as_float
-from kdcli.training.methods.base import TEACHER, Method, MethodParams, Needs, StepInputs, TapPair, pairs_needs
+from kdcli.training.methods.base import Method, Needs, StepInputs, TapPair, TappingParams, pairs_needs
 
 PENULTIMATE_PAIR = {"student": "penultimate", "teacher": "penultimate"}
 
@@ -22,16 +22,16 @@ class _RelationMethod(Method):
     """Reads params.tap on both sides, flattened to [B, D] in float32; the teacher side carries no gradient."""
 
     def needs(self) -> Needs:
-        return pairs_needs([self.params.tap])
+        return pairs_needs([self.params.tap], self.params.source)
 
     def embeddings(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         tap = self.params.tap
         e_s = as_float(step.student.features[tap.student]).flatten(1)
-        e_t = as_float(step.sources[TEACHER].features[tap.teacher].detach()).flatten(1)
+        e_t = as_float(step.sources[self.params.source].features[tap.teacher].detach()).flatten(1)
         return e_s, e_t
 
 
-class RKDParams(MethodParams):
+class RKDParams(TappingParams):
     method: Literal["rkd"] = "rkd"
     distance: float = Field(25.0, ge=0, description="weight of the distance term")
     angle: float = Field(50.0, ge=0, description="weight of the angle term")
@@ -75,7 +75,7 @@ class RKD(_RelationMethod):
         return loss
 
 
-class SPParams(MethodParams):
+class SPParams(TappingParams):
     method: Literal["sp"] = "sp"
     weight: float = Field(3000.0, ge=0, description="multiplies this loss in the stage's sum")
     tap: TapPair = Field(
@@ -101,7 +101,7 @@ class SimilarityPreserving(_RelationMethod):
         return (similarity(e_t) - similarity(e_s)).pow(2).sum() / len(e_s) ** 2
 
 
-class PKTParams(MethodParams):
+class PKTParams(TappingParams):
     method: Literal["pkt"] = "pkt"
     weight: float = Field(30000.0, ge=0, description="multiplies this loss in the stage's sum")
     tap: TapPair = Field(default_factory=lambda: TapPair(**PENULTIMATE_PAIR), description="embeddings to relate")
