@@ -156,6 +156,10 @@ def print_plan(plan: dict, stderr: bool = False) -> None:
                 say(f"           val top-1 {check['top1']:.1f}% (chance {check['chance']:.1f}%, needs "
                     f"{check['threshold']:.1f}%): {check['result']}")
             say(f"           gets {entry['input']}")
+    pipeline = plan.get("pipeline")
+    if pipeline:
+        say(f"  images   decoded {pipeline['decoded']}; {pipeline['workers']} loader workers; views "
+            f"{pipeline['views']}; stored outputs: {pipeline['cache']}")
     steps = plan["steps"]
     say(f"  steps    {steps['per_epoch']} per epoch x {steps['epochs']} epochs = {steps['total']} steps of "
         f"{steps['batch_size']} images")

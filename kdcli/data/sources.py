@@ -32,8 +32,8 @@ class ArrayImages(Dataset):
 class FileImages(Dataset):
     """Image files with their class indices; a file that cannot be decoded is a usage error naming it."""
 
-    def __init__(self, files: list[Path], labels: list[int]):
-        self.files, self.labels = files, labels
+    def __init__(self, files: list[Path], labels: list[int], sizes: list[tuple[int, int]] | None = None):
+        self.files, self.labels, self.sizes = files, labels, sizes  # sizes: (width, height) per file, if known
 
     def __len__(self) -> int:
         return len(self.files)
@@ -98,7 +98,7 @@ def _image_folder_source(root: Path) -> DataSource:
         raise KdcliError(f"train/ and val/ in {root} have different class folders (differ: {', '.join(extra[:5])})")
     datasets, sizes = {}, set()
     for split, (folder, _) in splits.items():
-        files, labels = [], []
+        files, labels, file_sizes = [], [], []
         for index, name in enumerate(classes):
             found = sorted(
                 p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
@@ -108,10 +108,11 @@ def _image_folder_source(root: Path) -> DataSource:
                     f"class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...); "
                     "add images or remove the folder"
                 )
-            sizes |= _check_headers(found)
+            file_sizes += _check_headers(found)
             files += found
             labels += [index] * len(found)
-        datasets[split] = FileImages(files, labels)
+        sizes |= set(file_sizes)
+        datasets[split] = FileImages(files, labels, file_sizes)
     desc = f"ImageFolder {root} ({len(datasets['train'])} train / {len(datasets['val'])} val, {len(classes)} classes)"
     native, note = _native_size(sizes)
     return DataSource(desc, datasets["train"], datasets["val"], classes, native_size=native, sizes=note)
@@ -126,14 +127,14 @@ def _native_size(sizes: set[tuple[int, int]]) -> tuple[int | None, str]:
     return None, f"{len(sizes)} sizes, {smallest[0]}x{smallest[1]} to {largest[0]}x{largest[1]}"
 
 
-def _check_headers(files: list[Path]) -> set[tuple[int, int]]:
+def _check_headers(files: list[Path]) -> list[tuple[int, int]]:
     """Open every image's header before training (no decoding; 5000 PNGs took 0.2 s), so a stray non-image fails
-    up front instead of hours into a run; returns the sizes the headers declare."""
-    sizes = set()
+    up front instead of hours into a run; returns the size each header declares."""
+    sizes = []
     for path in files:
         try:
             with Image.open(path) as img:
-                sizes.add(img.size)
+                sizes.append(img.size)
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise KdcliError(f"cannot read image {path}: {err}; remove or replace the file") from err
     return sizes

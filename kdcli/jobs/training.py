@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kdcli.data import DataConfig, DataSource, EvalView, TrainView, eval_loader, open_data
+from kdcli.data import DataConfig, DataSource, EvalView, TrainView, auto_workers, eval_loader, open_data
 from kdcli.errors import Interrupted, KdcliError
 from kdcli.evaluation.assess import Subject, assess, run_info
 from kdcli.evaluation.gate import check_gate_options, enforce, gate_result
@@ -25,9 +25,12 @@ from kdcli.jobs.plan import ModelChoices, TeacherCheck, build_plan, check_teache
 from kdcli.jobs.resume import check_same_run, identity, open_resume
 from kdcli.models.checkpoint import LoadedModel, save_timm_folder
 from kdcli.models.preprocessing import recipe_layer, teacher_input
+from kdcli.training.cache import OutputCache
+from kdcli.training.cache import resolve as resolve_cache
 from kdcli.training.engine import Listener, StopRequested, Term, TrainingData
 from kdcli.training.pipeline import Checkpoint, Models, StageOutcome, check_plan, restore_models, run_stages
 from kdcli.training.recipe import Recipe
+from kdcli.training.sources import identity as identity_input
 from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals
 
 
@@ -54,6 +57,7 @@ class Run:
     started: float
     teacher_check: TeacherCheck | None = None  # the teacher's validation predictions, reused by the report
     plan: dict | None = None
+    cache: OutputCache | None = None  # stored outputs of the frozen sources (--cache)
 
     @property
     def student_folder(self) -> Path:
@@ -97,12 +101,16 @@ def prepare(
     max_drop: float | None = None,
     dry_run: bool = False,
     show_plan=None,
+    workers: int | str | None = None,
+    cache: str = "auto",
 ) -> Run:
     """Load and check models, data and recipe; check the teacher on the validation split; build the run plan
-    (shown through show_plan before training); open the checkpoint to resume from (or the out folder)."""
+    (shown through show_plan before training); open the checkpoint to resume from (or the out folder).
+    workers (an int or "auto") overrides the recipe's data.workers; cache is --cache off|auto|DIR."""
     started = time.perf_counter()
     choices = choices or ModelChoices(teacher_arch, student_arch)
     check_gate_options(min_top1, max_drop, teacher_ref is not None)
+    cache_folder = resolve_cache(cache, recipe.data.views)
     device = resolve_device(device_name)
     tensors, state = open_resume(out) if resume else ({}, None)
     if not resume:
@@ -119,6 +127,10 @@ def prepare(
     if state is not None:  # before the teacher check: other inputs are the likelier and cheaper mistake
         check_same_run(out, state["fingerprint"], fingerprint)
     baseline = subject(baseline_ref, baseline_arch, "baseline", "--baseline-arch", source) if baseline_ref else None
+    view = TrainView(source.train, config, settings.augment.hflip, settings.augment.crop, recipe.seed,
+                     settings.views)
+    workers = settings.workers if workers is None else workers
+    workers = auto_workers(view) if workers == "auto" else int(workers)
     student.model.to(device)
     probe(student, config.image_size, "student", device)
     teacher_config, adapter, check = None, None, None
@@ -127,25 +139,38 @@ def prepare(
         teacher.model.to(device).eval().requires_grad_(False)
         probe(teacher, teacher_config.image_size, "teacher", device)
         check = check_teacher(teacher, resolved.teacher_pre, source, device, settings.eval_batch_size,
-                              settings.workers, choices.allow_weak_teacher)
+                              workers, choices.allow_weak_teacher)
         adapter = teacher_input(config, teacher_config)
     data = TrainingData(
-        view=TrainView(source.train, config, settings.augment.hflip, settings.augment.crop, recipe.seed),
-        val_loader=eval_loader(EvalView(source.val, config), settings.eval_batch_size, settings.workers),
-        batch_size=settings.batch_size, workers=settings.workers, seed=recipe.seed,
+        view=view, val_loader=eval_loader(EvalView(source.val, config), settings.eval_batch_size, workers),
+        batch_size=settings.batch_size, workers=workers, seed=recipe.seed,
     )
-    teacher_in = adapter.to(device) if adapter is not None else (lambda x: x)
+    teacher_in = adapter.to(device) if adapter is not None else identity_input
     models = Models(student.model, resolved.started_from_weights, teacher.model if teacher else None,
                     config.image_size, teacher_in)
     all_terms = check_plan(recipe, models)
     plan = build_plan(kind, recipe, source, resolved, student_ref, teacher_ref, check, data.view, device)
+    stored = OutputCache(cache_folder, view, device, settings.eval_batch_size) if cache_folder else None
+    plan["pipeline"] = pipeline_entry(view, workers, cache_folder)
     if show_plan is not None and not dry_run:
         show_plan(plan)
     checkpoint = Checkpoint(out / CHECKPOINT_NAME, fingerprint, tensors=tensors, state=state)
     if checkpoint.resuming:
         restore_models(checkpoint, models, all_terms)
     return Run(kind, recipe, out, device, source, student, config, teacher, teacher_config, baseline, models,
-               all_terms, data, checkpoint, min_top1, max_drop, started, check, plan)
+               all_terms, data, checkpoint, min_top1, max_drop, started, check, plan, stored)
+
+
+def pipeline_entry(view: TrainView, workers: int, cache: Path | None) -> dict:
+    """How the training images are served, for the run plan."""
+    pixels = view.pixels
+    return {
+        "decoded": f"once, in memory ({pixels.bytes / 2**20:.0f} MiB)" if pixels.in_memory else
+                   f"from the files every step ({pixels.bytes / 2**20:.0f} MiB would not fit in memory)",
+        "workers": workers,
+        "views": f"{view.views} fixed per image" if view.views else "fresh every epoch",
+        "cache": str(cache) if cache else "off",
+    }
 
 
 def train(run: Run, listener: Listener) -> list[StageOutcome]:
@@ -156,7 +181,8 @@ def train(run: Run, listener: Listener) -> list[StageOutcome]:
     with StopSignals() as signals:
         run.checkpoint.stop_requested = signals.requested
         try:
-            return run_stages(run.recipe, run.all_terms, run.models, run.data, run.device, listener, run.checkpoint)
+            return run_stages(run.recipe, run.all_terms, run.models, run.data, run.device, listener, run.checkpoint,
+                              run.cache)
         except StopRequested as stop:
             where = run.recipe.stages[stop.position.stage].name
             raise Interrupted(
@@ -174,7 +200,7 @@ def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
         check = run.teacher_check
         teacher = Subject(run.teacher, run.teacher_config, run.teacher.weights_path, (check.logits, check.labels))
     settings = run.recipe.data
-    evaluation = assess(run.source, run.device, settings.eval_batch_size, settings.workers,
+    evaluation = assess(run.source, run.device, settings.eval_batch_size, run.data.workers,
                         Subject(run.student, run.config, folder / "model.safetensors"), teacher, run.baseline)
     evaluation["student"]["init"] = run.student.init
     report = stamp({

@@ -41,7 +41,20 @@ class DataSettings(_Strict):
     mean: tuple[float, float, float] | None = Field(None, description="default: from the teacher's config")
     std: tuple[float, float, float] | None = Field(None, description="default: from the teacher's config")
     augment: Augment = Field(default_factory=Augment)
-    workers: int = Field(0, ge=0, description="data loader worker processes")
+    workers: int | Literal["auto"] = Field(
+        "auto", description="data loader worker processes; auto: none when the images are decoded in memory and "
+        "cropped in batches, else all cores but one (at most 8)"
+    )
+    views: int | None = Field(
+        None, ge=1, le=1000, description="fixed augmented views per training image, each epoch showing one of them "
+        "(lets teacher and reference outputs be stored, see --cache); default: a fresh view every epoch"
+    )
+
+    @model_validator(mode="after")
+    def _workers_not_negative(self) -> DataSettings:
+        if isinstance(self.workers, int) and self.workers < 0:
+            raise ValueError("workers must be 0 or more, or auto")
+        return self
 
     @model_validator(mode="after")
     def _positive_std(self) -> DataSettings:
