@@ -360,6 +360,12 @@ CASES = {
     "out-is-a-file": (lambda c: out_is_a_file(c), ["is a file"]),
     "out-not-writable": (
         lambda c: c.distill(out="/sys/kdcli-out"), ["cannot write in /sys", "choose another folder"]),
+    "bad-workers": (lambda c: c.distill(None, "test_efficientnet", "--workers", "many"), ["--workers many", "auto"]),
+    "cache-without-views": (
+        lambda c: c.distill(None, "test_efficientnet", "--cache", c.tmp / "cache"), ["need fixed views", "data.views"]),
+    "cache-is-a-file": (
+        lambda c: c.distill(None, "test_efficientnet", "--set", "data.views=2", "--cache", c.file("cache")),
+        ["is a file", "--cache"]),
     "nothing-to-resume": (lambda c: c.distill(None, "test_efficientnet", "--resume"), ["nothing to resume"]),
     "no-cuda": (lambda c: c.distill(None, "test_efficientnet", "--device", "cuda"), ["no CUDA device"]),
 }
@@ -400,7 +406,7 @@ def test_the_docs_table_lists_exactly_the_tested_cases():
     table = (Path(__file__).parent.parent / "docs" / "errors.md").read_text(encoding="utf-8")
     documented = re.findall(r"^\| `([a-z0-9-]+)` \|", table, flags=re.M)
     assert len(documented) == len(set(documented))
-    assert set(documented) == set(CASES) | {"disk-full"}
+    assert set(documented) == set(CASES) | {"disk-full", "cache-entry-stale"}  # the last in test_cache.py
     assert len(documented) >= 25
 
 
