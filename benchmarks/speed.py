@@ -135,9 +135,8 @@ def _step_function(path, student, teacher, optimizer, torch, F):
 
 
 def _torchdistill_step(student, teacher, torch):
-    """torchdistill's DistillationBox with its KDLoss (its alpha weighs the soft term: 0.9 is kdcli's alpha 0.1 on CE),
-    driven batch by batch as
-    its own training loop drives it (forward_process, then post_forward_process steps the optimizer)."""
+    """torchdistill's DistillationBox with its KDLoss (its alpha weighs the soft term: 0.9 there is kdcli's alpha
+    0.1 on CE), driven batch by batch as its own loop drives it (forward_process, post_forward_process)."""
     from torchdistill.core.distillation import get_distillation_box
 
     dataset = torch.utils.data.TensorDataset(torch.zeros(BATCH, 3, 32, 32), torch.zeros(BATCH, dtype=torch.long))
