@@ -8,20 +8,22 @@ Hinton KD, on a generated 32x32 ImageFolder (PNG files), batch 128. Paths:
     floor         teacher forward + student train step (KD loss) on preloaded, unaugmented tensors
     student       plain student training (CE) on preloaded tensors: the floor once teacher outputs are stored
     kdcli         `kdcli distill --recipe kd`, fresh views every epoch, no stored outputs
-    kdcli-cached  the same with data.views=8 and --cache DIR (the 8 x N teacher outputs computed first)
+    kdcli-cached  the same with data.views=K and --cache DIR (the K x N teacher outputs computed first)
     timm          timm's LogitDistillationTask on preloaded tensors
     torchdistill  torchdistill's DistillationBox (KDLoss) on preloaded tensors, when torchdistill is installed
     smskd         `kdcli distill --recipe smskd`, 3 stages of 1 epoch: for peak memory only
 
 Each path runs in its own process (so its peak RSS is its own), in rounds, paths interleaved; throughput is the
-steady state: images per second from the first to the last step of every epoch after the first (data loading
-included, per-epoch validation and checkpointing not), the median over epochs and rounds.
+steady state: images per second from the first to the last step of every epoch (data loading included; the
+first step, per-epoch validation and checkpointing not), the median over epochs and rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 PATHS = ["floor", "student", "kdcli", "kdcli-cached", "timm", "torchdistill", "smskd"]
-TEACHER, STUDENT, BATCH, VIEWS, T, ALPHA = "resnet18", "resnet10t", 128, 8, 4.0, 0.1
+TEACHER, STUDENT, BATCH, T, ALPHA = "resnet18", "resnet10t", 128, 4.0, 0.1
 
 
 def make_data(root: Path, train: int, val: int) -> None:
@@ -78,8 +80,8 @@ class Steps:
         self.epochs.append([])
 
     def throughput(self) -> list[float]:
-        epochs = [e for e in self.epochs if len(e) > 1][1:]  # the first epoch warms up
-        return [(len(e) - 1) * BATCH / (e[-1] - e[0]) for e in epochs]
+        """Per epoch: the images of its steps after the first, over the time from its first to its last step."""
+        return [(len(e) - 1) * BATCH / (e[-1] - e[0]) for e in self.epochs if len(e) > 1]
 
 
 def reference_loop(path: str, data: Path, teacher_dir: Path, epochs: int) -> dict:
@@ -165,7 +167,7 @@ def _torchdistill_step(student, teacher, torch):
     return step
 
 
-def kdcli_run(path: str, data: Path, teacher_dir: Path, epochs: int, work: Path) -> dict:
+def kdcli_run(path: str, data: Path, teacher_dir: Path, epochs: int, work: Path, views: int) -> dict:
     from kdcli.jobs.plan import ModelChoices
     from kdcli.jobs.training import finish, prepare, train
     from kdcli.training.recipe import load_recipe
@@ -173,7 +175,7 @@ def kdcli_run(path: str, data: Path, teacher_dir: Path, epochs: int, work: Path)
     sets = [f"stages.0.epochs={epochs}", f"data.batch_size={BATCH}"]
     name = "kd"
     if path == "kdcli-cached":
-        sets.append(f"data.views={VIEWS}")
+        sets.append(f"data.views={views}")
     if path == "smskd":
         name, sets = "smskd", [f"stages.{i}.epochs=1" for i in range(3)] + [f"data.batch_size={BATCH}"]
     out = Path(tempfile.mkdtemp(dir=work))
@@ -196,12 +198,15 @@ def one(args) -> None:
     if args.one in ("floor", "student", "timm", "torchdistill"):
         result = reference_loop(args.one, work / "data", work / "teacher", args.epochs)
     else:
-        result = kdcli_run(args.one, work / "data", work / "teacher", args.epochs, work)
+        result = kdcli_run(args.one, work / "data", work / "teacher", args.epochs, work, args.views)
     result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["torch"] = torch.__version__
     print(json.dumps(result))
 
 
 def setup(work: Path, args) -> None:
+    """The data and a trained teacher (run in a process of its own: the parent stays small, and a child's peak
+    RSS counts from its parent's size at fork)."""
     from kdcli.cli import main
 
     make_data(work / "data", args.images, args.val_images)
@@ -214,30 +219,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1347)
     parser.add_argument("--val-images", type=int, default=500)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--teacher-epochs", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--teacher-epochs", type=int, default=2)
+    parser.add_argument("--views", type=int, default=4, help="data.views of the cached path")
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--setup", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.setup:
+        return setup(Path(args.work), args)
     if args.one:
         return one(args)
     paths = args.paths.split(",")
-    try:
-        import torchdistill  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torchdistill") is None:
         print("torchdistill is not installed (pip install 'kdcli[bench]'): its row is skipped", file=sys.stderr)
         paths = [p for p in paths if p != "torchdistill"]
     with tempfile.TemporaryDirectory(prefix="kdcli-bench-") as tmp:
         work = Path(tmp)
-        setup(work, args)
+        common = ["--work", str(work), "--images", str(args.images), "--val-images", str(args.val_images),
+                  "--teacher-epochs", str(args.teacher_epochs)]
+        subprocess.run([sys.executable, __file__, "--setup", *common], check=True, stdout=subprocess.DEVNULL)
         results: dict[str, list[dict]] = {p: [] for p in paths}
         for round_ in range(args.rounds):
             for path in paths:
                 command = [sys.executable, __file__, "--one", path, "--work", str(work), "--epochs", str(args.epochs),
-                           "--threads", str(args.threads)]
+                           "--threads", str(args.threads), "--views", str(args.views)]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:
                     sys.exit(f"{path} failed:\n{done.stderr[-3000:]}")
@@ -249,12 +258,11 @@ def main() -> None:
 def print_table(results: dict[str, list[dict]], args) -> None:
     import platform
 
-    import torch
-
     speed = {p: statistics.median([v for r in rs for v in r["img_s"]]) for p, rs in results.items() if p != "smskd"}
     peak = {p: max(r["peak_mib"] for r in rs) for p, rs in results.items()}
     print(f"\n{TEACHER} -> {STUDENT}, {args.images} 32x32 PNGs, batch {BATCH}, {args.threads} threads, "
-          f"{args.epochs} epochs x {args.rounds} rounds; torch {torch.__version__}, {platform.processor() or platform.machine()}")
+          f"{args.epochs} epochs x {args.rounds} rounds; torch {next(iter(results.values()))[0]['torch']}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print("| path | img/s | time vs floor | peak MiB | val top-1 |")
     print("|---|---:|---:|---:|---:|")
     for path in results:
@@ -276,7 +284,8 @@ def print_table(results: dict[str, list[dict]], args) -> None:
         ratios.append(f"3-stage smskd / single-stage kd peak memory: {peak['smskd'] / peak['kdcli']:.2f} (goal <= 1.25)")
     cached = [r["precompute_s"] for r in results.get("kdcli-cached", []) if r.get("precompute_s")]
     if cached:
-        ratios.append(f"storing {VIEWS} views of teacher outputs took {np.median(cached):.1f} s before the first step")
+        ratios.append(f"storing {args.views} views of teacher outputs took {np.median(cached):.1f} s before the first "
+                      "step")
     for line in ratios:
         print(f"- {line}")
 
