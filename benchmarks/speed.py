@@ -147,8 +147,8 @@ def _torchdistill_step(student, teacher, torch):
         "train_data_loader": {"dataset_id": "train", "sampler": {"class_or_func": torch.utils.data.SequentialSampler,
                                                                   "kwargs": {}},
                               "kwargs": {"batch_size": BATCH}, "requires_supp": False},
-        "teacher": {"forward_proc": "forward_batch_only", "sequential": [], "forward_hook": {"input": [], "output": []}, "wrapper": None,
-                    "requires_grad": False},
+        "teacher": {"forward_proc": "forward_batch_only", "sequential": [],
+                    "forward_hook": {"input": [], "output": []}, "wrapper": None, "requires_grad": False},
         "student": {"forward_proc": "forward_batch_only", "adaptations": None, "sequential": [], "frozen_modules": [],
                     "forward_hook": {"input": [], "output": []}, "wrapper": None, "requires_grad": True},
         "optimizer": {"key": "SGD", "kwargs": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}},
@@ -273,7 +273,8 @@ def print_table(results: dict[str, list[dict]], args) -> None:
         print(f"| {path} | {f'{rate:.0f}' if rate else '-'} | {versus} | {peak[path]:.0f} | {accuracy} |")
     ratios = []
     if {"kdcli", "floor"} <= speed.keys():
-        ratios.append(f"kdcli uncached epoch time / compute floor: {speed['floor'] / speed['kdcli']:.2f} (goal <= 1.10)")
+        ratios.append(f"kdcli uncached epoch time / compute floor: {speed['floor'] / speed['kdcli']:.2f} "
+                      "(goal <= 1.10)")
     if {"kdcli-cached", "student"} <= speed.keys():
         ratios.append(f"kdcli cached / plain student training time: {speed['student'] / speed['kdcli-cached']:.2f} "
                       "(goal <= 1.10)")
@@ -281,7 +282,8 @@ def print_table(results: dict[str, list[dict]], args) -> None:
         ratios.append(f"kdcli cached / torchdistill throughput: {speed['kdcli-cached'] / speed['torchdistill']:.2f} "
                       "(goal >= 1.5)")
     if {"smskd", "kdcli"} <= peak.keys():
-        ratios.append(f"3-stage smskd / single-stage kd peak memory: {peak['smskd'] / peak['kdcli']:.2f} (goal <= 1.25)")
+        ratios.append(f"3-stage smskd / single-stage kd peak memory: {peak['smskd'] / peak['kdcli']:.2f} "
+                      "(goal <= 1.25)")
     cached = [r["precompute_s"] for r in results.get("kdcli-cached", []) if r.get("precompute_s")]
     if cached:
         ratios.append(f"storing {args.views} views of teacher outputs took {np.median(cached):.1f} s before the first "

@@ -27,7 +27,8 @@ def largest_difference(a: dict, b: dict) -> float:
 
 def test_cached_and_uncached_runs_on_the_same_views_train_the_same_student(cli, tmp_path, teacher_dir):
     cache = tmp_path / "cache"
-    plain = cli("distill", teacher_dir, "test_resnet", "--data", DATA, "--out", tmp_path / "plain", "--cache", "off", *KD)
+    plain = cli("distill", teacher_dir, "test_resnet", "--data", DATA, "--out", tmp_path / "plain", "--cache", "off",
+                *KD)
     assert plain.code == 0, plain.err
     cached = cli("distill", teacher_dir, "test_resnet", "--data", DATA, "--out", tmp_path / "cached", "--cache", cache,
                  *KD)
