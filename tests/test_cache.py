@@ -65,7 +65,7 @@ def test_cached_and_uncached_runs_on_the_same_views_train_the_same_student(cli, 
 
 def test_the_stored_views_are_the_views_the_student_sees():
     """With data.views: K every epoch shows one of K fixed views per image, the same images `of_views` stores
-    outputs for, and a different draw in another epoch or stage."""
+    outputs for, and a different draw in another epoch or stage; loader workers serve the same batches."""
     from kdcli.data import DataConfig, TrainView, open_data, train_loader
 
     view = TrainView(open_data("synthetic:train=64,val=16").train, DataConfig(32, (0.5,) * 3, (0.5,) * 3),
@@ -78,3 +78,6 @@ def test_the_stored_views_are_the_views_the_student_sees():
             assert torch.equal(images, view.of_views(samples.tolist(), ids))
         draws.append(view.at(stage, epoch).view_ids(list(range(64))))
     assert draws[0] != draws[1] and draws[0] != draws[2]
+    in_workers = [images for images, _, _ in train_loader(view, 16, order_seed=0, stage=1, epoch=0, workers=2)]
+    in_process = [images for images, _, _ in train_loader(view, 16, order_seed=0, stage=1, epoch=0, workers=0)]
+    assert all(torch.equal(a, b) for a, b in zip(in_workers, in_process)) and len(in_workers) == 4
