@@ -179,6 +179,7 @@ def kdcli_run(path: str, data: Path, teacher_dir: Path, epochs: int, work: Path,
     if path == "smskd":
         name, sets = "smskd", [f"stages.{i}.epochs=1" for i in range(3)] + [f"data.batch_size={BATCH}"]
     out = Path(tempfile.mkdtemp(dir=work))
+    (out / "run").mkdir()
     cache = str(out / "cache") if path == "kdcli-cached" else "off"
     run = prepare(load_recipe(name, sets), STUDENT, str(data), out / "run", teacher_ref=str(teacher_dir),
                   choices=ModelChoices(allow_weak_teacher=True), device_name="cpu", cache=cache)

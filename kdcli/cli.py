@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shlex
 import sys
-import traceback
 from pathlib import Path
 
 import typer
@@ -14,7 +10,8 @@ import yaml
 from rich.console import Console
 
 from kdcli import __version__
-from kdcli.errors import Interrupted, KdcliError, QualityGateFailed
+from kdcli.errors import KdcliError, QualityGateFailed, printable
+from kdcli.exits import err_console, report_error, run
 
 app = typer.Typer(
     name="kdcli",
@@ -28,7 +25,6 @@ recipe_app = typer.Typer(help="Validate, show and describe recipes.", no_args_is
 app.add_typer(recipe_app, name="recipe")
 
 out_console = Console()
-err_console = Console(stderr=True)
 
 DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda")
 SET = typer.Option(None, "--set", help="override a recipe field: dotted.path=value (repeatable)")
@@ -56,7 +52,10 @@ def _progress(label: str = ""):
 
 
 def _print_json(data: dict) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    """Strict JSON on stdout: no NaN tokens (null instead), nothing a strict parser rejects."""
+    from kdcli.fsio import json_text
+
+    sys.stdout.write(json_text(data))
 
 
 def _finish(job):
@@ -69,6 +68,11 @@ def _finish(job):
 
 def _show(report: dict, failed: QualityGateFailed | None, json_: bool, print_text) -> None:
     _print_json(report) if json_ else print_text()
+    for role in ("student", "teacher", "baseline"):
+        if (report.get(role) or {}).get("non_finite_outputs"):
+            err_console.print(f"warning: the {role}'s outputs are not finite (NaN or infinite) on "
+                              f"{report[role]['non_finite_outputs']} of {report['evaluation']['samples']} validation "
+                              "images; its accuracy metrics are null", markup=False, soft_wrap=True)
     if failed is not None:
         raise failed
 
@@ -223,7 +227,8 @@ def train(
     if epochs is not None:
         if epochs < 1:
             raise KdcliError(f"--epochs {epochs}: must be 1 or more")
-        plan = plan.model_copy(update={"stages": [s.model_copy(update={"epochs": epochs}) for s in plan.stages]})
+        plan = load_recipe(recipe, [*(set_ or []), *(f"stages.{i}.epochs={epochs}" for i in range(len(plan.stages)))],
+                           seed)
     from kdcli.jobs.plan import ModelChoices
 
     choices = ModelChoices(student_arch=arch_flag, student_flags=_flags("", image_size, mean, std, interpolation),
@@ -259,9 +264,9 @@ def eval_(
     force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
     min_top1: float = MIN_TOP1,
     max_drop: float = MAX_DROP,
-    threads: int = typer.Option(None, "--threads", help="CPU threads for evaluation and timing [default: torch's]"),
-    batch_size: int = typer.Option(256, "--batch-size", min=1),
-    workers: int = typer.Option(0, "--workers", min=0),
+    threads: int = typer.Option(None, "--threads", max=1024, help="CPU threads for evaluation and timing [default: torch's]"),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, max=65536),
+    workers: int = typer.Option(0, "--workers", min=0, max=64),
     device: str = DEVICE,
     json_: bool = JSON,
 ) -> None:
@@ -321,12 +326,13 @@ def convert(
     json_: bool = JSON,
 ) -> None:
     """Turn a training checkpoint into a timm-layout folder, loading it with torch.load(weights_only=True) only."""
-    from kdcli.jobs.common import check_out
+    from kdcli.jobs.outputs import Outputs
     from kdcli.models.convert import convert_checkpoint
 
-    check_out(out, force)
     flags = _flags("", image_size, mean, std, interpolation)
-    summary = convert_checkpoint(checkpoint, arch, out, flags, ema, prefix)
+    with Outputs(out, force=force, inputs={"checkpoint": checkpoint}, phase="converting") as outputs:
+        summary = convert_checkpoint(checkpoint, arch, outputs.folder, flags, ema, prefix)
+    summary["out"] = str(out / Path(summary["out"]).name)
     if json_:
         _print_json(summary)
         return
@@ -350,9 +356,9 @@ def recipe_validate(
         except RecipeError as err:
             failed = True
             for problem in err.problems:
-                _report_error(problem)
+                report_error(problem)
             continue
-        out_console.print(f"ok: {ref} ('{plan.name}', {len(plan.stages)} stages, hash {plan.digest()})",
+        out_console.print(f"ok: {printable(ref)} ('{plan.name}', {len(plan.stages)} stages, hash {plan.digest()})",
                           markup=False, soft_wrap=True)
     if failed:
         raise typer.Exit(2)
@@ -423,48 +429,6 @@ def inspect(
     print_inspection(info)
 
 
-def _report_error(message: str) -> None:
-    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-
-
-def _one_line(err: KdcliError) -> str:
-    message = str(err)
-    if "Original Traceback" in message:  # raised in a DataLoader worker: torch re-raises it wrapped in a traceback
-        message = message.strip().splitlines()[-1].partition(": ")[2]
-    return message
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the app and maps outcomes to exit codes (0 ok, 1 gate failed, 2 bad input, 130 interrupt)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args or os.environ.get("KDCLI_DEBUG") == "1"
-    args = [a for a in args if a != "--debug"]
-    try:
-        code = app(args=args, prog_name="kdcli", standalone_mode=False)
-        return code if isinstance(code, int) else 0
-    except KdcliError as err:
-        if debug:
-            traceback.print_exc()
-        _report_error(_one_line(err))
-        return err.exit_code
-    except QualityGateFailed as err:
-        _report_error(str(err))
-        return err.exit_code
-    except Interrupted as err:
-        again = [a for a in args if a != "--force"] + ([] if "--resume" in args else ["--resume"])
-        _report_error(f"{err}; resume with: {shlex.join(['kdcli', *again])}")
-        return err.exit_code
-    except typer.Exit as err:
-        return err.exit_code
-    except typer.TyperException as err:  # usage: unknown option, missing argument, bad value
-        show = getattr(err, "show", None)
-        show() if show else _report_error(err.format_message())
-        return 2
-    except (KeyboardInterrupt, typer.Abort):
-        _report_error("interrupted")
-        return 130
-    except Exception as err:  # a bug in kdcli, not the user's input
-        if debug:
-            traceback.print_exc()
-        _report_error(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback, and report it)")
-        return 3
+    """Entry point: runs the app; returns the exit code (kdcli/exits.py)."""
+    return run(app, argv)

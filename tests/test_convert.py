@@ -159,8 +159,7 @@ def test_preprocessing_flags_are_recorded_and_the_folder_appears_at_once(cli, tm
     src = tmp_path / "ckpt.pth"
     torch.save(_model(0).state_dict(), src)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("previous")
+    assert cli("convert", src, "--arch", "test_resnet", "--out", out).code == 0  # a previous output, replaced
     result = cli("convert", src, "--arch", "test_resnet", "--out", out, "--force", "--image-size", "48",
                  "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--interpolation", "bicubic")
     assert result.code == 0, result.err

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from conftest import DATA, TEACHER_DATA
+from conftest import TEACHER_DATA
 from kdcli.data import DataConfig, TrainView, open_data, train_loader
 from kdcli.training.methods import REGISTRY
 from kdcli.training.optim import OptimizerSettings, make_optimizer

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import pickle
 import re
-import subprocess
+import shutil
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +19,7 @@ import safetensors.torch
 import torch
 import yaml
 
-from conftest import DATA, Result
+from conftest import DATA, Watched
 
 
 def assert_one_clear_line(result, *fragments: str) -> None:
@@ -214,10 +220,76 @@ def overflowing(c, name):
     return folder
 
 
+def png_declaring(path, width, height, checksum_ok=True):
+    """A PNG whose header declares width x height (its pixels are not there): what a decoder reads first."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data, crc=0: (  # noqa: E731
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) ^ crc))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header, 0 if checksum_ok else 1)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
+def image_folder_with(c, name, write):
+    root = image_folder(c.tmp / "d")
+    write(root / name)
+    return str(root)
+
+
+def cifar_folder(c, rows=3072, label_max=9):
+    """A CIFAR-10 python folder as the official archive lays it out, 8 images per batch."""
+    folder = c.folder("data") / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"labels": [int(v) for v in rng.integers(0, label_max + 1, 8)],
+                 b"data": rng.integers(0, 256, (8, rows), dtype=np.uint8)}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2).replace(b"numpy._core", b"numpy.core"))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}, protocol=2))
+    return str(c.tmp / "data")
+
+
+def recipe_file(c, text):
+    path = c.tmp / "r.yaml"
+    path.write_text(text)
+    return ["distill", c.teacher, "test_efficientnet", "--data", DATA, "--out", c.out, "--recipe", path]
+
+
+def alias_bomb(c):
+    rows = ["a: &a [" + ", ".join(['"xxxxxxxxxx"'] * 9) + "]"]
+    rows += [f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]" for prev, name in zip("abcdefg", "bcdefgh")]
+    return recipe_file(c, "\n".join([*rows, "stages: *h"]) + "\n")
+
+
+def staged_checkpoint(c, state: dict):
+    """A checkpoint where an interrupted run on c.out keeps it (see jobs/outputs.py), holding `state`."""
+    partial = c.tmp / f".{c.out.name}.kdcli" / "partial"
+    partial.mkdir(parents=True)
+    safetensors.torch.save_file({"student.fc.weight": torch.zeros(2, 2)}, str(partial / "checkpoint.safetensors"),
+                                metadata={"kdcli_state": json.dumps(state)})
+
+
+def out_in_use(c):
+    """Another process holds the lock on --out (here: this one, through another open file, as a second run would)."""
+    home = c.tmp / f".{c.out.name}.kdcli"
+    home.mkdir()
+    c.lock = os.open(home / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(c.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(c.lock, f"{os.getpid()}\n".encode())
+    return c.distill()
+
+
+def teacher_copy(c):
+    folder = c.tmp / "model"
+    shutil.copytree(c.teacher, folder)
+    return folder
+
+
 def incomplete_cifar(c):
-    folder = c.folder("cifar-10-batches-py")
+    folder = c.folder("data") / "cifar-10-batches-py"
+    folder.mkdir()
     (folder / "data_batch_1").write_bytes(b"")
-    return c.distill(data=str(c.tmp))
+    return c.distill(data=str(c.tmp / "data"))
 
 
 # id: (argument list, fragments the one line must contain). docs/errors.md lists the same ids.
@@ -322,6 +394,20 @@ CASES = {
         lambda c: c.distill(None, "test_efficientnet", "--set", "stages.0.epoks=1"), ["did you mean epochs"]),
     "set-without-value": (
         lambda c: c.distill(None, "test_efficientnet", "--set", "stages.0.epochs"), ["expected key=value"]),
+    "non-finite-number": (
+        lambda c: c.distill(None, "test_efficientnet", "--set", "schedule.warmup_epochs=.inf"),
+        ["schedule.warmup_epochs: must be a finite number (got inf)"]),
+    "number-out-of-range": (
+        lambda c: c.distill(None, "test_efficientnet", "--set", "optimizer.lr=1e300"),
+        ["optimizer.lr: input should be less than or equal to 3.40282e+38 (got '1e300')"]),
+    "seed-out-of-range": (
+        lambda c: c.distill(None, "test_efficientnet", "--seed", str(2**70)), ["seed", "less than or equal to 4294967295"]),
+    "batch-size-one": (
+        lambda c: c.distill(None, "test_efficientnet", "--set", "data.batch_size=1"),
+        ["data.batch_size: input should be greater than or equal to 2"]),
+    "yaml-alias-bomb": (lambda c: alias_bomb(c), ["more than 100000 values", "aliases"]),
+    "recipe-too-large": (
+        lambda c: recipe_file(c, "description: " + "x" * (2 << 20) + "\n"), ["larger than 1024 KiB"]),
     "train-zero-epochs": (
         lambda c: ["train", "test_resnet", "--data", DATA, "--out", c.out, "--epochs", "0"], ["--epochs 0"]),
     # training
@@ -354,7 +440,24 @@ CASES = {
                             data=str(undecodable(c))),
         ["cannot read image", "0.png", "remove or replace"]),
     "incomplete-cifar": (lambda c: incomplete_cifar(c), ["incomplete", "data_batch_2"]),
-    "bad-synthetic-spec": (lambda c: c.distill(data="synthetic:train=x"), ["synthetic:train=N,val=M"]),
+    "bad-synthetic-spec": (  # into --out in new nested folders: none of them is left behind
+        lambda c: c.distill(data="synthetic:train=x", out=c.tmp / "new" / "nested" / "out"), ["synthetic:train=N,val=M"]),
+    "synthetic-too-large": (lambda c: c.distill(data="synthetic:train=10000000"), ["from 1 to 100000"]),
+    "one-training-image": (
+        lambda c: c.distill(data="synthetic:train=1,val=8"), ["has 1 image", "at least 2", "batch norm"]),
+    "decompression-bomb": (
+        lambda c: c.distill(data=image_folder_with(c, "train/c2/huge.png", lambda p: png_declaring(p, 20000, 20000))),
+        ["huge.png", "decompression bomb", "resize or remove it"]),
+    "undecodable-header": (
+        lambda c: c.distill(data=image_folder_with(c, "val/c5/crc.png", lambda p: png_declaring(p, 8, 8, False))),
+        ["cannot read image", "crc.png", "remove or replace"]),
+    "file-name-with-newline": (
+        lambda c: c.distill(data=image_folder_with(c, "train/c1/bro\nken.jpg", lambda p: p.write_bytes(b"junk"))),
+        ["bro\\nken.jpg", "remove or replace"]),
+    "cifar-malformed": (
+        lambda c: c.distill(data=cifar_folder(c, rows=3000)), ["data_batch_1", "not rows of 3072 bytes", "re-extract"]),
+    "cifar-labels-out-of-range": (
+        lambda c: c.distill(data=cifar_folder(c, label_max=40)), ["outside 0..9", "re-extract"]),
     # output and machine
     "out-not-empty": (lambda c: out_is_not_empty(c), ["not empty", "--force"]),
     "out-is-a-file": (lambda c: out_is_a_file(c), ["is a file"]),
@@ -368,25 +471,62 @@ CASES = {
         ["is a file", "--cache"]),
     "nothing-to-resume": (lambda c: c.distill(None, "test_efficientnet", "--resume"), ["nothing to resume"]),
     "no-cuda": (lambda c: c.distill(None, "test_efficientnet", "--device", "cuda"), ["no CUDA device"]),
+    "out-inside-data": (
+        lambda c: c.distill(out=image_folder(c.tmp / "d") / "train" / "c3" / "run", data=str(c.tmp / "d")),
+        ["is inside --data", "choose a folder outside"]),
+    "out-holds-an-input": (
+        lambda c: ["eval", teacher_copy(c), "--data", DATA, "--out", c.tmp / "model", "--force"],
+        ["holds the checkpoint", "choose another folder"]),
+    "force-onto-foreign-folder": (
+        lambda c: [*out_is_not_empty(c), "--force"], ["kdcli did not write (keep.txt)", "--force replaces only"]),
+    "out-is-a-mount-point": (lambda c: c.distill(out="/proc"), ["is a mount point", "--out /proc/run"]),
+    "out-in-use": (lambda c: out_in_use(c), [f"is in use by another kdcli run (pid {os.getpid()})"]),
+    "interrupted-run-in-out": (
+        lambda c: staged_checkpoint(c, {"position": {}}) or c.distill(),
+        ["has an interrupted run", "--resume", "--force"]),
+    "damaged-checkpoint": (
+        lambda c: staged_checkpoint(c, {"position": {"stage": 0}}) or c.distill(None, "test_efficientnet", "--resume"),
+        ["checkpoint", "is damaged", "'fingerprint' is missing", "--force"]),
+    "usage-error": (
+        lambda c: c.distill(None, "test_efficientnet", "--bogus"),
+        ["no such option: --bogus", "usage: kdcli distill [OPTIONS] TEACHER STUDENT"]),
+    "out-of-memory": (
+        lambda c: ["inspect", "test_resnet", "--image-size", "200000"],
+        ["at 200000x200000 needs more memory than this machine has", "smaller --image-size"]),
+}
+
+
+# Rows of docs/errors.md tested by a test of their own (module, test function) rather than in CASES.
+ELSEWHERE = {
+    "disk-full": ("test_errors", "test_disk_full_while_writing_leaves_nothing"),
+    "resume-data-changed": ("test_resume", "test_resume_names_what_changed_in_the_data"),
+    "cache-entry-stale": ("test_cache", "test_cached_and_uncached_runs_on_the_same_views_train_the_same_student"),
 }
 
 
 @pytest.fixture
 def call(tmp_path, teacher_dir):
-    return Call(tmp_path, teacher_dir)
+    c = Call(tmp_path, teacher_dir)
+    yield c
+    if getattr(c, "lock", None) is not None:
+        os.close(c.lock)
 
 
 def _listing(path):
     return sorted(p.name for p in path.iterdir()) if path.is_dir() else path.read_bytes() if path.exists() else None
 
 
+def _everything(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size if p.is_file() else -1) for p in folder.rglob("*"))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_gives_one_line_exit_2_and_writes_nothing(cli, call, case):
     build, fragments = CASES[case]
     args = build(call)
-    before = _listing(call.out)
+    before = _everything(call.tmp)
     assert_one_clear_line(cli(*args), *fragments)
-    assert _listing(call.out) == before
+    assert _everything(call.tmp) == before  # nothing written, nothing left beside --out
 
 
 def test_disk_full_while_writing_leaves_nothing(call, tmp_path):
@@ -396,9 +536,8 @@ def test_disk_full_while_writing_leaves_nothing(call, tmp_path):
         "import resource, sys; from kdcli.cli import main; "
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); sys.exit(main(sys.argv[1:]))"
     )
-    args = [str(a) for a in call.distill()]
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
-    assert_one_clear_line(Result(result.returncode, result.stdout, result.stderr), "cannot write", "free space")
+    result = Watched([sys.executable, "-c", code, *call.distill()]).finish()
+    assert_one_clear_line(result, "cannot write", "free space")
     assert not call.out.exists()
 
 
@@ -406,7 +545,10 @@ def test_the_docs_table_lists_exactly_the_tested_cases():
     table = (Path(__file__).parent.parent / "docs" / "errors.md").read_text(encoding="utf-8")
     documented = re.findall(r"^\| `([a-z0-9-]+)` \|", table, flags=re.M)
     assert len(documented) == len(set(documented))
-    assert set(documented) == set(CASES) | {"disk-full", "cache-entry-stale"}  # the last in test_cache.py
+    assert set(documented) == set(CASES) | set(ELSEWHERE)
+    tests = {path.stem: path.read_text(encoding="utf-8") for path in Path(__file__).parent.glob("test_*.py")}
+    for case, (module, name) in ELSEWHERE.items():
+        assert f"def {name}(" in tests[module], (case, module, name)
     assert len(documented) >= 25
 
 
@@ -415,6 +557,17 @@ def test_debug_shows_the_traceback(cli, tmp_path):
     assert result.code == 2 and "Traceback" in result.err
 
 
-def test_usage_errors_exit_2(cli):
-    assert cli("distill").code == 2
-    assert cli("no-such-command").code == 2
+@pytest.mark.parametrize("args, fragments", [
+    (["no-such-command"], ["no such command 'no-such-command'", "usage: kdcli [OPTIONS] COMMAND"]),
+    (["distill"], ["missing argument 'teacher'", "usage: kdcli distill [OPTIONS] TEACHER STUDENT"]),
+    (["eval", "x.safetensors"], ["missing option '--data'", "see kdcli eval --help"]),
+    (["eval", "x", "--data", DATA, "--batch-size", "many"], ["invalid value for '--batch-size'", "usage: kdcli eval"]),
+    (["recipe", "check"], ["no such command 'check'", "usage: kdcli recipe"]),
+], ids=["unknown-command", "missing-argument", "missing-option", "bad-value", "unknown-subcommand"])
+def test_usage_errors_are_one_error_line_exit_2(cli, args, fragments):
+    assert_one_clear_line(cli(*args), *fragments)
+
+
+def test_no_arguments_prints_the_help(cli):
+    result = cli()
+    assert result.code == 0 and "distill" in result.out and "error" not in result.err

@@ -60,7 +60,8 @@ def test_agreement_and_all_metrics():
     second = torch.tensor([[5.0, 1, 0], [0, 0, 1], [1, 0, 2], [0, 3, 1]])
     assert agreement(first, second) == 50.0
     metrics = accuracy_metrics(first, torch.tensor([0, 1, 2, 0]))
-    assert set(metrics) == {"top1", "top5", "nll", "ece"} and metrics["top1"] == 100.0 and metrics["top5"] == 100.0
+    assert set(metrics) == {"top1", "top5", "nll", "ece", "non_finite_outputs"}
+    assert metrics["non_finite_outputs"] == 0 and metrics["top1"] == 100.0 and metrics["top5"] == 100.0
 
 
 def test_macs_of_a_tiny_model_match_a_hand_count():

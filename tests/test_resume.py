@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import safetensors
@@ -15,6 +14,8 @@ import safetensors.torch
 import torch
 import yaml
 
+from conftest import Watched, run_kdcli
+from conftest import partial_of as partial
 from kdcli.training.trainstate import CHECKPOINT_NAME, STATE_KEY
 
 DATA = "synthetic:train=1024,val=128"
@@ -44,9 +45,9 @@ def command(teacher, recipe, out, *extra):
 
 
 def position(out):
-    """(stage, epoch, step) of the checkpoint in out, or None."""
+    """(stage, epoch, step) of the checkpoint of the run on out, or None."""
     try:
-        with safetensors.safe_open(str(out / CHECKPOINT_NAME), "pt") as handle:
+        with safetensors.safe_open(str(partial(out) / CHECKPOINT_NAME), "pt") as handle:
             found = json.loads(handle.metadata()[STATE_KEY])["position"]
         return found["stage"], found["epoch"], found["step"]
     except (OSError, KeyError, safetensors.SafetensorError):
@@ -54,23 +55,19 @@ def position(out):
 
 
 def run_until(args, out, target, sig=signal.SIGKILL):
-    """Start kdcli, send sig as soon as its checkpoint has reached target (stage, epoch); return the process."""
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        found = position(out)
-        if found and found[:2] >= target:
-            process.send_signal(sig)
-            break
-        time.sleep(0.01)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0, "the run finished before it could be interrupted"
-    return process.returncode, stderr
+    """Start kdcli, send sig as soon as its checkpoint has reached target (stage, epoch); return (code, stderr)."""
+    run = Watched(args)
+    reached = run.wait_until(lambda: (position(out) or (-1,))[:2] >= target)
+    assert reached, f"the run ended before it could be interrupted:\n{run.err}"
+    run.process.send_signal(sig)
+    done = run.finish()
+    assert done.code != 0, "the run finished before it could be interrupted"
+    return done.code, done.err
 
 
 def finish(args):
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = run_kdcli(*args[3:])  # args: python -m kdcli ...
+    assert done.code == 0, done.err
     return done
 
 
@@ -95,6 +92,7 @@ def uninterrupted(teacher_dir, recipe_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
     finish(command(teacher_dir, recipe_file, out))
     assert not (out / CHECKPOINT_NAME).exists()  # a finished run keeps outputs, not training state
+    assert not partial(out).parent.exists()  # and nothing beside them
     return outcome(out)
 
 
@@ -111,7 +109,7 @@ def assert_same(out, expected):
 def test_sigkill_then_resume_matches_uninterrupted(teacher_dir, recipe_file, tmp_path, uninterrupted, targets):
     out = tmp_path / "run"
     for target in targets:
-        extra = ["--resume"] if (out / CHECKPOINT_NAME).exists() else []
+        extra = ["--resume"] if position(out) else []
         run_until(command(teacher_dir, recipe_file, out, *extra), out, target)
         assert position(out) is not None and not (out / "student").exists()
     finish(command(teacher_dir, recipe_file, out, "--resume"))
@@ -145,14 +143,15 @@ def test_resume_refuses_other_inputs(teacher_dir, recipe_file, tmp_path, cli):
     other_data = cli(*[a if a != DATA else "synthetic:train=512,val=128" for a in base], "--recipe", recipe_file)
     assert other_data.code == 2 and "the data differs" in other_data.err
 
-    assert cli(*base, "--recipe", out / "recipe.yaml").code == 0  # the recipe as it ran resumes it
+    assert cli(*base, "--recipe", partial(out) / "recipe.yaml").code == 0  # the recipe as it ran resumes it
 
 
 def test_out_with_checkpoint_is_refused_without_resume(teacher_dir, recipe_file, tmp_path, cli):
     out = tmp_path / "run"
     run_until(command(teacher_dir, recipe_file, out), out, (0, 1))
     refused = cli("distill", teacher_dir, "test_efficientnet", "--data", DATA, "--out", out, "--recipe", recipe_file)
-    assert refused.code == 2 and "pass --resume to continue its run, --force to overwrite it" in refused.err
+    assert refused.code == 2 and "has an interrupted run" in refused.err
+    assert "pass --resume to continue it, or --force to start afresh" in refused.err
 
 
 def test_nothing_to_resume(cli, tmp_path, teacher_dir):
@@ -170,3 +169,112 @@ def test_non_finite_loss_stops_with_exit_2_and_keeps_the_last_checkpoint(cli, te
     assert "loss term '" in line and "last good checkpoint is kept" in line
     assert position(out)[0] <= 1  # the state at the end of the first stage is still there
     assert not (out / "student").exists() and not (out / "report.json").exists()
+
+
+# ---------------------------------------------------------------- what --resume checks
+
+def _interrupted_train(data, out, epochs="3"):
+    """A `kdcli train` run on data stopped by SIGINT once its first epoch is saved; returns its arguments."""
+    args = [sys.executable, "-m", "kdcli", "train", "test_resnet", "--data", str(data), "--out", str(out),
+            "--epochs", epochs]
+    code, _ = run_until(args, out, (0, 1), sig=signal.SIGINT)
+    assert code == 130
+    return [str(a) for a in args[3:]]
+
+
+def test_resume_names_what_changed_in_the_data(tmp_path, cli):
+    from test_errors import image_folder
+
+    root = image_folder(tmp_path / "data", classes=4)
+    out = tmp_path / "run"
+    args = _interrupted_train(root, out)
+
+    def refused(*fragments):
+        result = cli(*args, "--resume")
+        assert result.code == 2, result.err
+        for fragment in fragments:
+            assert fragment in result.err, (fragment, result.err)
+
+    for split in ("train", "val"):  # a renamed class folder: the labels of every class after it would shift
+        (root / split / "c1").rename(root / split / "c9")
+    refused("the data differs", "class 'c1' is now 'c9'", "renamed class folder")
+    for split in ("train", "val"):
+        (root / split / "c9").rename(root / split / "c1")
+
+    image = root / "train" / "c2" / "0.png"
+    original, stat = image.read_bytes(), image.stat()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(image)  # other pixels, the same name
+    refused("an image in train/c2 was replaced or edited")
+    image.write_bytes(original)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    (root / "val" / "c3" / "1.png").write_bytes(original)
+    refused("val/c3 held 1 images then, 2 now")
+    (root / "val" / "c3" / "1.png").unlink()
+
+    assert cli(*args, "--resume").code == 0  # the data as it was: resumes
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """(out, arguments) of a train run interrupted after its first epoch; copy it before changing it."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    return out, _interrupted_train("synthetic:train=512,val=32", out)
+
+
+@pytest.mark.parametrize("damage", ["runner-field", "student-tensor", "optimizer-tensor", "misshapen", "position"])
+def test_a_damaged_checkpoint_is_named_not_a_crash(tmp_path, cli, interrupted, damage):
+    import shutil
+
+    original, args = interrupted
+    out = tmp_path / "run"
+    shutil.copytree(partial(original).parent, partial(out).parent)
+    args = [str(out) if a == str(original) else a for a in args]
+    path = partial(out) / CHECKPOINT_NAME
+    with safetensors.safe_open(str(path), "pt") as handle:
+        state = json.loads(handle.metadata()[STATE_KEY])
+    tensors = safetensors.torch.load_file(str(path))
+    if damage == "runner-field":
+        del state["runner"]
+    elif damage == "student-tensor":
+        del tensors["student.fc.weight"]
+    elif damage == "optimizer-tensor":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("runner.optimizer.state")}
+    elif damage == "misshapen":
+        tensors["student.fc.weight"] = torch.zeros(3, 3)
+    else:
+        state["position"] = {"stage": 7, "epoch": 0, "step": 0}
+    safetensors.torch.save_file(tensors, str(path), metadata={STATE_KEY: json.dumps(state)})
+    result = cli(*args, "--resume")
+    assert result.code == 2 and "Traceback" not in result.err, result.err
+    line = result.err.strip().splitlines()[-1]
+    assert line.startswith(f"error: checkpoint {path} is damaged (") and "start afresh with --force" in line, line
+    assert path.is_file()  # still there: the user decides
+
+
+def test_in_place_fine_tune_killed_after_its_new_weights_resumes(tmp_path, teacher_dir):
+    """`kdcli train FOLDER --out FOLDER --force` killed while the new weights are evaluated resumes, and ends as
+    the same fine-tune run without interruption."""
+    import shutil
+
+    folders = [tmp_path / "killed", tmp_path / "whole"]
+    for folder in folders:
+        shutil.copytree(teacher_dir, folder)
+
+    def fine_tune(folder, *extra):
+        return ["train", str(folder), "--data", "synthetic:train=256,val=64", "--epochs", "1", "--out", str(folder),
+                *extra]
+
+    assert run_kdcli(*fine_tune(folders[1], "--force")).code == 0
+    marker = tmp_path / "evaluating"
+    spy = [sys.executable, str(Path(__file__).parent / "spy.py"), "kdcli.evaluation.assess:measure_speed", str(marker)]
+    run = Watched([*spy, *fine_tune(folders[0], "--force")])
+    assert run.wait_until(marker.exists), run.err
+    run.process.kill()
+    run.finish()
+    assert (folders[0] / "model.safetensors").read_bytes() == (teacher_dir / "model.safetensors").read_bytes()
+    assert run_kdcli(*fine_tune(folders[0], "--resume")).code == 0
+    weights = [safetensors.torch.load_file(str(f / "model.safetensors")) for f in folders]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])

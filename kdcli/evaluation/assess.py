@@ -73,20 +73,25 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator if numerator is not None and denominator else None
 
 
+def _minus(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
 def comparison(student: dict, teacher: dict | None, baseline: dict | None, agree: float | None) -> dict:
     """Retention, agreement and cost ratios against the teacher; metric gains over the baseline."""
     teacher = teacher or {}
     return {
         "agreement": agree,
-        "retention": _ratio(100.0 * student["top1"], teacher.get("top1")) if teacher else None,
-        "drop": teacher["top1"] - student["top1"] if teacher else None,
+        "retention": _ratio(None if student["top1"] is None else 100.0 * student["top1"], teacher.get("top1"))
+        if teacher else None,
+        "drop": _minus(teacher["top1"], student["top1"]) if teacher else None,
         "param_ratio": _ratio(teacher.get("params"), student["params"]),
         "size_ratio": _ratio(teacher.get("file_bytes"), student["file_bytes"]),
         "macs_ratio": _ratio(teacher.get("macs"), student["macs"]),
         "speedup": _ratio(teacher["latency"]["median_ms"], student["latency"]["median_ms"]) if teacher else None,
         "throughput_ratio": (_ratio(student["throughput"]["images_per_s"], teacher["throughput"]["images_per_s"])
                              if teacher else None),
-        "gain": {k: student[k] - baseline[k] for k in ("top1", "top5", "nll", "ece")} if baseline else None,
+        "gain": {k: _minus(student[k], baseline[k]) for k in ("top1", "top5", "nll", "ece")} if baseline else None,
     }
 
 

@@ -19,11 +19,16 @@ def gate_result(report: dict, min_top1: float | None, max_drop: float | None) ->
     """The gate's bounds, whether it passed, and one message per failed bound (both numbers in each)."""
     student = report["student"]["top1"]
     failures = []
-    if min_top1 is not None and student < min_top1:
+    if (min_top1 is not None or max_drop is not None) and student is None:
+        failures.append(f"student top-1 cannot be measured: its outputs are not finite on "
+                        f"{report['student']['non_finite_outputs']} validation images")
+    elif min_top1 is not None and student < min_top1:
         failures.append(f"student top-1 {student:.2f} < --min-top1 {min_top1:.2f}")
-    if max_drop is not None:
+    if max_drop is not None and student is not None:
         teacher = report["teacher"]["top1"]
-        if teacher - student > max_drop:
+        if teacher is None:
+            failures.append("teacher top-1 cannot be measured: its outputs are not finite")
+        elif teacher - student > max_drop:
             failures.append(f"teacher top-1 {teacher:.2f} - student top-1 {student:.2f} = {teacher - student:.2f} "
                             f"points > --max-drop {max_drop:.2f}")
     return {"min_top1": min_top1, "max_drop": max_drop, "passed": not failures, "failures": failures}

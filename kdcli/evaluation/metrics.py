@@ -39,7 +39,9 @@ def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> list[dict]:
     """Equal-width bins over the max softmax probability: count, mean confidence and accuracy (0–1) per bin.
     A confidence on a bin edge belongs to the bin below it (bin i holds (i/bins, (i+1)/bins]); 0 goes to bin 0."""
-    probs = torch.softmax(logits.double(), dim=1)
+    finite = torch.isfinite(logits).all(dim=1)  # a row with NaN or infinity has no confidence to place
+    probs = torch.softmax(logits[finite].double(), dim=1)
+    labels = labels[finite]
     confidence, predicted = probs.max(dim=1)
     correct = (predicted == labels).double()
     index = (torch.ceil(confidence * bins).long() - 1).clamp(0, bins - 1)
@@ -65,16 +67,28 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins:
     return 100.0 * gap
 
 
-def agreement(first: torch.Tensor, second: torch.Tensor) -> float:
-    """Percentage of samples on which two models' top-1 predictions match."""
+def non_finite_rows(logits: torch.Tensor) -> int:
+    """How many samples have a NaN or infinite logit."""
+    return int((~torch.isfinite(logits)).any(dim=1).sum().item())
+
+
+def agreement(first: torch.Tensor, second: torch.Tensor) -> float | None:
+    """Percentage of samples on which two models' top-1 predictions match; None if either has non-finite outputs."""
+    if non_finite_rows(first) or non_finite_rows(second):
+        return None
     return 100.0 * (first.argmax(dim=1) == second.argmax(dim=1)).double().mean().item()
 
 
 def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """top1, top5, ece (percentages) and nll of logits against labels."""
+    """top1, top5, ece (percentages) and nll of logits against labels, and how many samples have non-finite
+    logits: with any, the metrics are None (a number would look like a measurement of a broken model)."""
+    broken = non_finite_rows(logits)
+    if broken:
+        return {"top1": None, "top5": None, "nll": None, "ece": None, "non_finite_outputs": broken}
     return {
         "top1": topk_accuracy(logits, labels, 1),
         "top5": topk_accuracy(logits, labels, 5),
         "nll": nll(logits, labels),
         "ece": expected_calibration_error(logits, labels),
+        "non_finite_outputs": 0,
     }

@@ -87,6 +87,9 @@ def _times(ratio: float, better: str, worse: str) -> str:
 def headline(report: dict) -> str:
     """'The student keeps 97.4% of teacher top-1 with 5.2× fewer parameters, 3.1× faster at batch 1.'"""
     student, teacher, baseline, c = report["student"], report.get("teacher"), report.get("baseline"), report["comparison"]
+    if student["top1"] is None:
+        return (f"The student's outputs are not finite (NaN or infinite) on {student['non_finite_outputs']} of "
+                f"{report['evaluation']['samples']} validation images: its accuracy cannot be measured.")
     if teacher and c["retention"] is not None:
         text = (f"The student keeps **{c['retention']:.1f}%** of teacher top-1 ({student['top1']:.2f} vs "
                 f"{teacher['top1']:.2f})")
@@ -98,7 +101,7 @@ def headline(report: dict) -> str:
         text += " with " + ", ".join(costs) if costs else ""
     else:
         text = f"The student ({student['arch']}) reaches **{student['top1']:.2f}%** top-1"
-    if baseline:
+    if baseline and c["gain"]["top1"] is not None:
         gain = c["gain"]["top1"]
         text += f"; {abs(gain):.2f} top-1 points {'above' if gain >= 0 else 'below'} the baseline ({baseline['top1']:.2f})"
     return text + "."
@@ -117,7 +120,8 @@ def _metric_rows(report: dict, roles: list[str]) -> list[str]:
         rows.append(("agreement with teacher (%)", [_num(c["agreement"]), "–"] + ["–"] * (len(roles) - 2)))
         rows.append(("retention of teacher top-1 (%)", [_num(c["retention"], 1)] + ["–"] * (len(roles) - 1)))
     if report.get("baseline"):
-        rows.append(("student gain, top-1 points", [f"{c['gain']['top1']:+.2f}"] + ["–"] * (len(roles) - 1)))
+        gain = c["gain"]["top1"]
+        rows.append(("student gain, top-1 points", ["–" if gain is None else f"{gain:+.2f}"] + ["–"] * (len(roles) - 1)))
     return [f"| {name} | " + " | ".join(values) + " |" for name, values in rows]
 
 

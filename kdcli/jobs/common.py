@@ -1,20 +1,15 @@
-"""What every command needs before it works: a device, an output folder it may write, models to assess."""
+"""What every command needs before it works: a device, models to assess, a check of the input size."""
 
 from __future__ import annotations
-
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 
 from kdcli.data import DataSource
-from kdcli.errors import KdcliError
+from kdcli.errors import KdcliError, is_out_of_memory
 from kdcli.evaluation.assess import Subject
 from kdcli.models.checkpoint import LoadedModel, load_checkpoint
 from kdcli.models.modes import evaluating
 from kdcli.models.preprocessing import Layer, native_layer, own_preprocessing
-from kdcli.training.trainstate import CHECKPOINT_NAME
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,20 +20,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise KdcliError(f"--device {name}: choose auto, cpu or cuda")
     return torch.device(name)
-
-
-def check_out(out: Path, force: bool) -> None:
-    """Refuse an output folder that is a file, non-empty (unless forced) or not writable; create nothing."""
-    if out.exists() and not out.is_dir():
-        raise KdcliError(f"--out {out} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        hint = "--resume to continue its run, " if (out / CHECKPOINT_NAME).is_file() else ""
-        raise KdcliError(f"--out {out} is not empty; pass {hint}--force to overwrite it, or choose a new folder")
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    try:  # permission bits do not tell (root, read-only mounts): try it
-        os.rmdir(tempfile.mkdtemp(prefix=".kdcli-", dir=existing))
-    except OSError as err:
-        raise KdcliError(f"--out {out}: cannot write in {existing} ({err.strerror}); choose another folder") from err
 
 
 def subject(ref: str, arch: str | None, role: str, flag: str, source: DataSource,
@@ -60,8 +41,11 @@ def probe(loaded: LoadedModel, size: int, role: str, device: torch.device) -> No
     try:
         with torch.no_grad(), evaluating(loaded.model):
             loaded.model(torch.zeros(2, 3, size, size, device=device))
-    except (RuntimeError, ValueError, AssertionError) as err:
+    except (RuntimeError, ValueError, AssertionError, MemoryError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if is_out_of_memory(err):
+            raise KdcliError(f"the {role} {loaded.arch} at {size}x{size} needs more memory than this machine has "
+                             f"({reason}); set a smaller data.image_size") from err
         raise KdcliError(
             f"the {role} {loaded.arch} cannot take {size}x{size} images ({reason}); set a larger data.image_size"
         ) from err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kdcli.jobs.outputs import Outputs
 from kdcli.jobs.plan import ModelChoices
 from kdcli.jobs.training import train_student
 from kdcli.training.recipe import DEFAULT_RECIPE, load_recipe
@@ -29,16 +30,18 @@ def run_demo(out: Path, data: str, teacher_arch: str, student_arch: str, device:
         "baseline": (load_recipe(supervised, [f"stages.0.epochs={sum(STAGE_EPOCHS)}"]), student_arch, None, "train"),
         "distilled": (
             load_recipe(DEFAULT_RECIPE, [f"stages.{i}.epochs={e}" for i, e in enumerate(STAGE_EPOCHS)]),
-            student_arch, str(out / "teacher"), "distill",
+            student_arch, "teacher", "distill",  # the teacher trained first
         ),
     }
     reports = {}
-    for label, (recipe, arch, teacher, kind) in runs.items():
-        baseline = str(out / "baseline") if label == "distilled" else None  # the distilled report compares with it
-        with progress(label) as listener:
-            # the demo trains its own teacher: on tiny --data it may be weak, and the demo still shows the comparison
-            choices = ModelChoices(allow_weak_teacher=True)
-            reports[label] = train_student(recipe, arch, data, out / label, teacher_ref=teacher, choices=choices,
-                                           device_name=device, force=force, listener=listener, kind=kind,
-                                           baseline_ref=baseline)
+    with Outputs(Path(out), force=force, data=data, phase="running the demo") as outputs:  # all three, or none
+        folder = outputs.folder
+        for label, (recipe, arch, teacher, kind) in runs.items():
+            baseline = str(folder / "baseline") if label == "distilled" else None  # the distilled report compares
+            with progress(label) as listener:
+                # the demo trains its own teacher: on tiny --data it may be weak, and the demo still shows the rest
+                reports[label] = train_student(recipe, arch, data, folder / label, device_name=device,
+                                               listener=listener, kind=kind, baseline_ref=baseline,
+                                               teacher_ref=str(folder / teacher) if teacher else None,
+                                               choices=ModelChoices(allow_weak_teacher=True))
     return reports

@@ -7,7 +7,6 @@ finish() writes the student, assesses it, writes the report and applies the qual
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +14,13 @@ from pathlib import Path
 import torch
 
 from kdcli.data import DataConfig, DataSource, EvalView, TrainView, auto_workers, eval_loader, open_data
-from kdcli.errors import Interrupted, KdcliError
+from kdcli.errors import Interrupted, KdcliError, SignalReceived
 from kdcli.evaluation.assess import Subject, assess, run_info
 from kdcli.evaluation.gate import check_gate_options, enforce, gate_result
 from kdcli.evaluation.report import stage_entry, stamp, write_report
 from kdcli.fsio import write_text
-from kdcli.jobs.common import check_out, probe, resolve_device, subject
+from kdcli.jobs.common import probe, resolve_device, subject
+from kdcli.jobs.outputs import RECIPE_NAME, Outputs, public
 from kdcli.jobs.plan import ModelChoices, TeacherCheck, build_plan, check_teacher, resolve_models
 from kdcli.jobs.resume import check_same_run, identity, open_resume
 from kdcli.models.checkpoint import LoadedModel, save_timm_folder
@@ -31,7 +31,7 @@ from kdcli.training.engine import Listener, StopRequested, Term, TrainingData
 from kdcli.training.pipeline import Checkpoint, Models, StageOutcome, check_plan, restore_models, run_stages
 from kdcli.training.recipe import Recipe
 from kdcli.training.sources import identity as identity_input
-from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals
+from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals, restoring
 
 
 @dataclass
@@ -65,20 +65,23 @@ class Run:
 
 
 def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *, listener: Listener,
-                  **options) -> dict:
-    """distill (with teacher_ref) or train (without): the whole run; a run that fails before its first
-    checkpoint leaves no folder behind."""
-    out = Path(out)
-    fresh = not out.exists()
-    try:
-        run = prepare(recipe, student_ref, data_spec, out, **options)
-        if options.get("dry_run"):
-            return run.plan
-        return finish(run, train(run, listener))
-    except KdcliError:
-        if fresh and out.is_dir() and not (out / CHECKPOINT_NAME).exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+                  force: bool = False, resume: bool = False, **options) -> dict:
+    """distill (with teacher_ref) or train (without): the whole run. Its files are written beside --out and
+    moved into place when it succeeds (jobs/outputs.py); a run that stops keeps what --resume needs. A dry run
+    writes nothing and returns the run plan."""
+    if options.get("dry_run"):
+        folder = Outputs(Path(out)).folder if resume else Path(out)  # where a resumed run's state is
+        return prepare(recipe, student_ref, data_spec, folder, resume=resume, **options).plan
+    inputs = {"teacher": options.get("teacher_ref"), "baseline": options.get("baseline_ref"), "student": student_ref}
+    with Outputs(Path(out), force=force, resume=resume, data=data_spec, inputs=inputs, in_place=("student",),
+                 phase="checking the inputs") as outputs:
+        run = prepare(recipe, student_ref, data_spec, outputs.folder, resume=resume, **options)
+        outputs.phase = "training"
+        outcomes = train(run, listener)
+        outputs.phase = "writing and evaluating the student"
+        report = finish(run, outcomes)
+    enforce(report)
+    return report
 
 
 def prepare(
@@ -92,7 +95,6 @@ def prepare(
     student_arch: str | None = None,
     choices: ModelChoices | None = None,
     device_name: str = "auto",
-    force: bool = False,
     resume: bool = False,
     kind: str = "distill",
     baseline_ref: str | None = None,
@@ -105,23 +107,25 @@ def prepare(
     cache: str = "auto",
 ) -> Run:
     """Load and check models, data and recipe; check the teacher on the validation split; build the run plan
-    (shown through show_plan before training); open the checkpoint to resume from (or the out folder).
-    workers (an int or "auto") overrides the recipe's data.workers; cache is --cache off|auto|DIR."""
+    (shown through show_plan before training); open the checkpoint to resume from. out: the folder the run
+    writes in (its staging folder). workers (an int or "auto") overrides the recipe's data.workers; cache is
+    --cache off|auto|DIR."""
     started = time.perf_counter()
     choices = choices or ModelChoices(teacher_arch, student_arch)
     check_gate_options(min_top1, max_drop, teacher_ref is not None)
     cache_folder = resolve_cache(cache, recipe.data.views)
     device = resolve_device(device_name)
     tensors, state = open_resume(out) if resume else ({}, None)
-    if not resume:
-        check_out(out, force)
     source = open_data(data_spec)
+    if len(source.train) < 2:
+        raise KdcliError(f"the training split of {data_spec} has {len(source.train)} image; training needs at least 2 "
+                         "(batch norm cannot train on a batch of one); add images")
     settings = recipe.data
     from_recipe = recipe_layer(settings.image_size, settings.mean, settings.std)
     resolved = resolve_models(student_ref, teacher_ref, source, choices, from_recipe, recipe.seed)
     teacher, student, config = resolved.teacher, resolved.student, resolved.student_pre.config
     fingerprint = {
-        "kind": kind, "recipe": recipe.to_dict(), "data": source.description,
+        "kind": kind, "recipe": recipe.to_dict(), "data": source.description, "data_identity": source.identity,
         "teacher": identity(teacher, teacher_ref), "student": identity(student, student_ref),
     }
     if state is not None:  # before the teacher check: other inputs are the likelier and cheaper mistake
@@ -156,7 +160,8 @@ def prepare(
         show_plan(plan)
     checkpoint = Checkpoint(out / CHECKPOINT_NAME, fingerprint, tensors=tensors, state=state)
     if checkpoint.resuming:
-        restore_models(checkpoint, models, all_terms)
+        with restoring(checkpoint.path):
+            restore_models(checkpoint, models, all_terms)
     return Run(kind, recipe, out, device, source, student, config, teacher, teacher_config, baseline, models,
                all_terms, data, checkpoint, min_top1, max_drop, started, check, plan, stored)
 
@@ -176,23 +181,26 @@ def pipeline_entry(view: TrainView, workers: int, cache: Path | None) -> dict:
 def train(run: Run, listener: Listener) -> list[StageOutcome]:
     """Run the stages; SIGINT/SIGTERM save the state and end in Interrupted."""
     if not run.checkpoint.resuming:
-        run.out.mkdir(parents=True, exist_ok=True)
-        write_text(run.out / "recipe.yaml", run.recipe.to_yaml())
+        write_text(run.out / RECIPE_NAME, run.recipe.to_yaml())
     with StopSignals() as signals:
         run.checkpoint.stop_requested = signals.requested
         try:
-            return run_stages(run.recipe, run.all_terms, run.models, run.data, run.device, listener, run.checkpoint,
-                              run.cache)
+            outcomes = run_stages(run.recipe, run.all_terms, run.models, run.data, run.device, listener,
+                                  run.checkpoint, run.cache)
         except StopRequested as stop:
             where = run.recipe.stages[stop.position.stage].name
             raise Interrupted(
                 f"stopped in stage '{where}' at epoch {stop.position.epoch + 1}, step {stop.position.step + 1}; "
                 f"training state saved in {run.checkpoint.path}"
             ) from None
+    if signals.received is not None:  # arrived after the last step: the state is saved, the outputs are not
+        raise SignalReceived(signals.received)
+    return outcomes
 
 
 def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
-    """Write the student, assess it, write the report, delete the training checkpoint, apply the gate."""
+    """Write the student, assess it, write the report (the training checkpoint goes when the outputs are moved
+    into place)."""
     folder = run.student_folder
     save_timm_folder(folder, run.student, run.config, run.source.classes, {"recipe_hash": run.recipe.digest()})
     teacher = None
@@ -202,6 +210,9 @@ def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
     settings = run.recipe.data
     evaluation = assess(run.source, run.device, settings.eval_batch_size, run.data.workers,
                         Subject(run.student, run.config, folder / "model.safetensors"), teacher, run.baseline)
+    for entry in (evaluation["student"], evaluation["teacher"], evaluation["baseline"]):
+        if entry and entry["path"]:  # where the files will be when the run is moved into place
+            entry["path"] = str(public(entry["path"]))
     evaluation["student"]["init"] = run.student.init
     report = stamp({
         "kind": run.kind,
@@ -212,7 +223,4 @@ def finish(run: Run, outcomes: list[StageOutcome]) -> dict:
         "plan": run.plan,
     })
     report["gate"] = gate_result(report, run.min_top1, run.max_drop)
-    report = write_report(run.out, report)
-    run.checkpoint.path.unlink()  # the run is complete: its outputs replace the training state
-    enforce(report)
-    return report
+    return write_report(run.out, report)

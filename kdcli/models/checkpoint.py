@@ -24,7 +24,7 @@ from torch import nn
 from kdcli import __version__
 from kdcli.data import DataConfig
 from kdcli.errors import KdcliError
-from kdcli.fsio import atomic_write, write_json
+from kdcli.fsio import atomic_write, encodable, write_json
 from kdcli.models import hub
 from kdcli.models.config import ModelConfig, read_config_json, read_metadata, registry_config
 from kdcli.models.hub import check_arch
@@ -327,7 +327,7 @@ def save_timm_folder(
         "kdcli_version": __version__,
         "data_config": json.dumps(data_config.pretrained_cfg()),
         "model_args": json.dumps(loaded.model_args),
-        **(extra_metadata or {}),
+        **{key: encodable(value) for key, value in (extra_metadata or {}).items()},  # a file name may not be UTF-8
     }
     atomic_write(folder / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
     pretrained_cfg = {

@@ -7,7 +7,7 @@ from pydantic import BaseModel
 from kdcli.models import taps
 from kdcli.models.checkpoint import LoadedModel, check_arch, count_params, fresh_model, is_checkpoint_ref, load_checkpoint
 from kdcli.models.preprocessing import Layer, Resolved, merge, own_preprocessing, preprocessing_flags
-from kdcli.errors import KdcliError
+from kdcli.errors import KdcliError, is_out_of_memory
 from kdcli.training.methods import REGISTRY
 
 
@@ -67,8 +67,11 @@ def inspect_model(ref: str, image_size: int | None = None, arch_flag: str | None
     available = taps.available_taps(model)
     try:
         found = taps.shapes(model, tuple(t.key for t in available), size)
-    except (RuntimeError, ValueError, AssertionError) as err:
+    except (RuntimeError, ValueError, AssertionError, MemoryError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if is_out_of_memory(err):
+            raise KdcliError(f"{loaded.arch} at {size}x{size} needs more memory than this machine has ({reason}); "
+                             "pass a smaller --image-size") from err
         raise KdcliError(f"{loaded.arch} cannot take {size}x{size} images ({reason}); pass another --image-size") from err
     params = count_params(model)
     return {

@@ -11,24 +11,28 @@ from pydantic import BaseModel, ConfigDict, Field
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
+from kdcli.training.methods.base import FLOAT32_MAX
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class OptimizerSettings(_Strict):
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(
+        0.05, gt=0, le=FLOAT32_MAX, description="must fit in float32; too high a value shows as a loss that is not finite"
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     nesterov: bool = Field(True, description="sgd only")
     weight_decay: float = Field(
-        5e-4, ge=0, description="on weights of 2 or more dimensions; biases and norm weights are not decayed"
+        5e-4, ge=0, le=FLOAT32_MAX, description="on weights of 2 or more dimensions; biases and norm weights are not decayed"
     )
 
 
 class ScheduleSettings(_Strict):
     name: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from lr/100, in epochs (may be fractional)")
+    warmup_epochs: float = Field(0.0, ge=0, le=10000, description="linear warm-up from lr/100, in epochs (may be fractional)")
 
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:

@@ -25,7 +25,7 @@ from kdcli.training.methods import REGISTRY, STUDENT, merge_needs
 from kdcli.training.recipe import Recipe, Stage
 from kdcli.training.sources import Models, Source
 from kdcli.training.trainstate import (
-    join_tensors, load_module, module_tensors, restore_rng, rng_tensors, split_tensors, write_checkpoint,
+    join_tensors, load_module, module_tensors, restore_rng, restoring, rng_tensors, split_tensors, write_checkpoint,
 )
 
 __all__ = ["Checkpoint", "Models", "StageOutcome", "build_terms", "check_plan", "restore_models", "run_stages",
@@ -194,11 +194,12 @@ def run_stages(
             runner = StageRunner(plan, data, device, listener)
             sums = None
             if resumed:
-                for name, source in plan.sources.items():
-                    prefix = _source_prefix(name)
-                    source.load_state({k[len(prefix):]: v for k, v in checkpoint.tensors.items()
-                                       if k.startswith(prefix)})
-                runner.load_state(join_tensors(state["runner"], checkpoint.tensors))
+                with restoring(checkpoint.path):
+                    for name, source in plan.sources.items():
+                        prefix = _source_prefix(name)
+                        source.load_state({k[len(prefix):]: v for k, v in checkpoint.tensors.items()
+                                           if k.startswith(prefix)})
+                    runner.load_state(join_tensors(state["runner"], checkpoint.tensors))
                 sums = EpochSums(**state["sums"]) if state["sums"] else None
             if cache is not None:
                 plan.sources = cache.wrap(plan.sources, plan.needs())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from types import UnionType
@@ -16,13 +17,14 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kdcli.errors import KdcliError, close_matches
+from kdcli.errors import KdcliError, brief, close_matches
+from kdcli.safeyaml import load_yaml
 from kdcli.training.methods import REGISTRY, AnchorFields, AnchorParams, MethodParams
 from kdcli.training.optim import OptimizerSettings, ScheduleSettings
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class Augment(_Strict):
@@ -32,18 +34,26 @@ class Augment(_Strict):
     )
 
 
+# Pixels are scaled to [0, 1] before normalising (timm's convention): a mean far outside it or a tiny std turns
+# every input into huge numbers and the first loss into infinity.
+_Mean = Annotated[float, Field(ge=-10, le=10)]
+_Std = Annotated[float, Field(ge=0.001, le=100)]
+
+
 class DataSettings(_Strict):
     image_size: int | None = Field(
-        None, ge=8, description="square input size; default: teacher's config, else the data set's native size"
+        None, ge=8, le=4096, description="square input size; default: teacher's config, else the data set's native size"
     )
-    batch_size: int = Field(64, ge=1)
-    eval_batch_size: int = Field(256, ge=1)
-    mean: tuple[float, float, float] | None = Field(None, description="default: from the teacher's config")
-    std: tuple[float, float, float] | None = Field(None, description="default: from the teacher's config")
+    batch_size: int = Field(
+        64, ge=2, le=65536, description="at least 2: batch norm cannot train on one image (a last batch of 1 is dropped)"
+    )
+    eval_batch_size: int = Field(256, ge=1, le=65536)
+    mean: tuple[_Mean, _Mean, _Mean] | None = Field(None, description="default: from the teacher's config")
+    std: tuple[_Std, _Std, _Std] | None = Field(None, description="default: from the teacher's config")
     augment: Augment = Field(default_factory=Augment)
     workers: int | Literal["auto"] = Field(
-        "auto", description="data loader worker processes; auto: none when the images are decoded in memory and "
-        "cropped in batches, else all cores but one (at most 8)"
+        "auto", description="data loader worker processes (0-64); auto: none when the images are decoded in memory "
+        "and cropped in batches, else all cores but one (at most 8)"
     )
     views: int | None = Field(
         None, ge=1, le=1000, description="fixed augmented views per training image, each epoch showing one of them "
@@ -51,15 +61,9 @@ class DataSettings(_Strict):
     )
 
     @model_validator(mode="after")
-    def _workers_not_negative(self) -> DataSettings:
-        if isinstance(self.workers, int) and self.workers < 0:
-            raise ValueError("workers must be 0 or more, or auto")
-        return self
-
-    @model_validator(mode="after")
-    def _positive_std(self) -> DataSettings:
-        if self.std is not None and min(self.std) <= 0:
-            raise ValueError("std values must be > 0")
+    def _workers_in_range(self) -> DataSettings:
+        if isinstance(self.workers, int) and not 0 <= self.workers <= 64:
+            raise ValueError("workers must be 0 to 64, or auto")
         return self
 
 
@@ -81,8 +85,8 @@ LossSpec = _loss_union()
 
 
 class Stage(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="letters, digits, '_', '-', '.'")
-    epochs: int = Field(ge=1)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64, description="letters, digits, '_', '-', '.'")
+    epochs: int = Field(ge=1, le=10000)
     losses: list[LossSpec] = Field(min_length=1, description="weighted KD methods summed in this stage")
     anchor: AnchorSettings = Field(
         default_factory=AnchorSettings, description="shorthand for an anchor loss: the frozen reference of the stage"
@@ -111,9 +115,9 @@ class Stage(_Strict):
 
 
 class Recipe(_Strict):
-    name: str = "custom"
-    description: str = ""
-    seed: int = 0
+    name: str = Field("custom", max_length=100)
+    description: str = Field("", max_length=10000)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     data: DataSettings = Field(default_factory=DataSettings)
     optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
@@ -159,8 +163,10 @@ class Recipe(_Strict):
 class RecipeError(KdcliError):
     """Every problem found in a recipe; the message is the first, `problems` has them all."""
 
-    def __init__(self, source: str, problems: list[str]):
-        self.problems = [f"recipe {source}: {p}" for p in problems]
+    def __init__(self, source: str, problems: list[str], shown: int = 20):
+        self.problems = [f"recipe {source}: {p}" for p in problems[:shown]]
+        if len(problems) > shown:
+            self.problems.append(f"recipe {source}: {len(problems) - shown} more problems not shown")
         more = f" (+{len(problems) - 1} more: run 'kdcli recipe validate')" if len(problems) > 1 else ""
         super().__init__(self.problems[0] + more)
 
@@ -181,6 +187,9 @@ def builtin_names() -> list[str]:
 DEFAULT_RECIPE = "smskd"
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; refuse to read a huge file whole
+
+
 def load_recipe(ref: str | None = None, overrides: list[str] = (), seed: int | None = None) -> Recipe:
     """Load a recipe by built-in name or YAML path, apply `--set` overrides and --seed, validate."""
     ref = ref or DEFAULT_RECIPE
@@ -195,11 +204,15 @@ def load_recipe(ref: str | None = None, overrides: list[str] = (), seed: int | N
             )
         path = builtin_dir() / f"{ref}.yaml"
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as handle:
+            content = handle.read(MAX_RECIPE_BYTES + 1)
+        if len(content) > MAX_RECIPE_BYTES:
+            raise KdcliError(f"recipe {ref}: larger than {MAX_RECIPE_BYTES // 1024} KiB, which no recipe is; check the path")
+        raw = load_yaml(content.decode("utf-8"), f"recipe {ref}")
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}" if where else ""
-        raise KdcliError(f"recipe {ref}: not valid YAML{at}: {getattr(err, 'problem', err)}") from err
+        raise KdcliError(f"recipe {ref}: not valid YAML{at}: {getattr(err, 'problem', None) or err}") from err
     except (OSError, UnicodeDecodeError) as err:
         raise KdcliError(f"recipe {ref}: cannot read it ({err})") from err
     if not isinstance(raw, dict):
@@ -211,7 +224,18 @@ def load_recipe(ref: str | None = None, overrides: list[str] = (), seed: int | N
     return validate_recipe(raw, ref)
 
 
+def _non_finite(raw: Any, path: tuple = ()) -> tuple[tuple, float] | None:
+    """(location, value) of the first NaN or infinity anywhere in a raw recipe (.nan, .inf in YAML)."""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return path, raw
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+    return next((found for key, value in items if (found := _non_finite(value, (*path, key)))), None)
+
+
 def validate_recipe(raw: dict, source: str) -> Recipe:
+    found = _non_finite(raw)
+    if found:
+        raise RecipeError(source, [f"{_dotted(list(found[0]))}: must be a finite number (got {found[1]})"])
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
@@ -306,10 +330,15 @@ def _describe(error: dict) -> str:
     if kind == "missing":
         return f"{where}: required key missing"
     if kind == "literal_error":
-        return f"{where}: got {error['input']!r}; allowed: {ctx.get('expected')}"
+        return f"{where}: got {brief(error['input'])}; allowed: {ctx.get('expected')}"
     message = error["msg"].removeprefix("Value error, ")
-    if kind.startswith(("greater", "less", "too_short", "int_", "float_", "bool_", "string_", "list_")):
-        return f"{where}: {message[:1].lower()}{message[1:]} (got {error['input']!r})"
+    bounds = {"greater_than": "greater than", "greater_than_equal": "greater than or equal to", "less_than": "less than",
+              "less_than_equal": "less than or equal to"}
+    if kind in bounds:  # pydantic writes a float bound such as float32's largest in full: 39 digits
+        limit = next(iter(ctx.values()))
+        message = f"input should be {bounds[kind]} {limit if isinstance(limit, int) else f'{limit:g}'}"
+    if kind.startswith(("greater", "less", "too_", "int_", "float_", "bool_", "string_", "list_", "finite")):
+        return f"{where}: {message[:1].lower()}{message[1:]} (got {brief(error['input'])})"
     return f"{where}: {message[:1].lower()}{message[1:]}"
 
 
@@ -320,9 +349,9 @@ def apply_override(raw: dict, assignment: str) -> None:
     """Apply one `--set dotted.path=value` to the raw recipe; the value is read as YAML (3, 0.1, tcp, [1, 2])."""
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
-        raise KdcliError(f"--set {assignment!r}: expected key=value, e.g. --set stages.0.epochs=3")
+        raise KdcliError(f"--set {brief(assignment)}: expected key=value, e.g. --set stages.0.epochs=3")
     try:
-        value = yaml.safe_load(text) if text.strip() else text
+        value = load_yaml(text, f"--set {key}") if text.strip() else text
     except yaml.YAMLError:
         value = text
     parts = key.strip().split(".")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import safetensors
@@ -13,7 +14,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from kdcli.errors import KdcliError
+from kdcli.errors import KdcliError, SignalReceived, brief
 from kdcli.fsio import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -81,9 +82,24 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
             state = json.loads((handle.metadata() or {})[STATE_KEY])
-        return safetensors.torch.load_file(str(path)), state
+        tensors = safetensors.torch.load_file(str(path))
     except (safetensors.SafetensorError, OSError, KeyError, ValueError) as err:
         raise KdcliError(f"checkpoint {path} is unreadable ({err}); start afresh with --force instead of --resume") from err
+    if not isinstance(state, dict):
+        raise KdcliError(f"checkpoint {path} is damaged (its state is not a JSON object); start afresh with --force "
+                         "instead of --resume")
+    return tensors, state
+
+
+@contextmanager
+def restoring(path: Path):
+    """Around putting saved state back into models and optimizers: what a damaged file makes them raise
+    (a missing or misshapen tensor, a malformed structure) becomes a clear error naming the file."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise KdcliError(f"checkpoint {path} is damaged ({reason}); start afresh with --force instead of --resume") from err
 
 
 def file_digest(path: Path) -> str:
@@ -108,7 +124,7 @@ def first_difference(saved, now, path: str = "") -> str | None:
             if found:
                 return found
         return None
-    return None if saved == now else f"{path or 'value'}: {saved!r} in the interrupted run, {now!r} now"
+    return None if saved == now else f"{path or 'value'}: {brief(saved)} in the interrupted run, {brief(now)} now"
 
 
 class StopSignals:
@@ -130,7 +146,7 @@ class StopSignals:
 
     def _handle(self, signum, _frame) -> None:
         if self.received is not None:
-            raise KeyboardInterrupt
+            raise SignalReceived(signum)
         self.received = signum
 
     def requested(self) -> bool:

@@ -15,14 +15,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from kdcli.training.methods.base import REFERENCE, TEACHER, Method, MethodParams, Needs, Reads, StepInputs
+from kdcli.training.methods.base import (
+    FLOAT32_MAX, REFERENCE, TEACHER, Method, MethodParams, Needs, Reads, StepInputs,
+)
 from kdcli.training.methods.functional import soft_kl
 
 
 class AnchorFields(BaseModel):
     """The anchor's settings shared by the loss and the recipe's `anchor:` shorthand (which also allows none)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     weighting: Literal["none", "fixed", "tcp"] = Field(
         "none", description="none: no reference; fixed: lambda per sample; tcp: (1 - teacher probability) * lambda"
@@ -30,8 +32,8 @@ class AnchorFields(BaseModel):
     tcp: Literal["true-class", "max"] = Field(
         "true-class", description="which teacher probability tcp uses: of the true class, or the largest"
     )
-    lambda_: float = Field(1.0, ge=0, alias="lambda", description="λ: strength of the anchor term")
-    temperature: float = Field(4.0, gt=0, description="temperature T_a of the anchor KL")
+    lambda_: float = Field(1.0, ge=0, le=FLOAT32_MAX, alias="lambda", description="λ: strength of the anchor term")
+    temperature: float = Field(4.0, gt=0, le=FLOAT32_MAX, description="temperature T_a of the anchor KL")
 
 
 class AnchorParams(AnchorFields, MethodParams):

@@ -21,13 +21,16 @@ TEACHER = "teacher"  # the teacher, fed as it was trained
 REFERENCE = "reference"  # the frozen student as it entered the stage (anchored stages)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # settings become float32 tensors: a larger value cannot be used
+
+
 class MethodParams(BaseModel):
     """Recipe entry of one loss: `method` picks the class, `weight` scales its loss in the stage sum."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: str
-    weight: float = Field(1.0, ge=0, description="multiplies this loss in the stage's sum")
+    weight: float = Field(1.0, ge=0, le=FLOAT32_MAX, description="multiplies this loss in the stage's sum")
 
 
 @dataclass(frozen=True)
