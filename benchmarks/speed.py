@@ -259,7 +259,8 @@ def main() -> None:
 def print_table(results: dict[str, list[dict]], args) -> None:
     import platform
 
-    speed = {p: statistics.median([v for r in rs for v in r["img_s"]]) for p, rs in results.items() if p != "smskd"}
+    rates = {p: [v for r in rs for v in r["img_s"]] for p, rs in results.items() if p != "smskd"}
+    speed = {p: statistics.median(v) for p, v in rates.items() if v}  # none when an epoch has a single step
     peak = {p: max(r["peak_mib"] for r in rs) for p, rs in results.items()}
     print(f"\n{TEACHER} -> {STUDENT}, {args.images} 32x32 PNGs, batch {BATCH}, {args.threads} threads, "
           f"{args.epochs} epochs x {args.rounds} rounds; torch {next(iter(results.values()))[0]['torch']}, "
