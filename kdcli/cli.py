@@ -130,6 +130,8 @@ def _dry_run(plan: dict, json_: bool) -> None:
 
 BASELINE = typer.Option(None, "--baseline", help="a baseline checkpoint (e.g. the student trained without KD) to compare with")
 BASELINE_ARCH = typer.Option(None, "--baseline-arch", help="baseline architecture, if its weights do not say")
+WORKERS = typer.Option(None, "--workers", help="data loader worker processes, or auto (none when the images "
+                       "are decoded in memory) [default: the recipe's data.workers, auto]")
 MIN_TOP1 = typer.Option(None, "--min-top1", help="quality gate: exit 1 when student top-1 (%) is below this")
 MAX_DROP = typer.Option(None, "--max-drop", help="quality gate: exit 1 when teacher top-1 - student top-1 exceeds these points")
 LOG = typer.Option(None, "--log", help="also log to: tensorboard (needs pip install 'kdcli[tensorboard]'); "
@@ -143,6 +145,15 @@ TEACHER_WEIGHTS = typer.Option(None, "--teacher-weights", help="weights of the t
                                "0.5,0.5 [default: equal]")
 INIT_FROM_TEACHER = typer.Option(False, "--init-from-teacher", help="start the student from the teacher's weights: "
                                  "every other block, stem and head where shapes fit (same family, fewer blocks)")
+
+
+def _workers(value: str | None) -> int | str | None:
+    """--workers N|auto."""
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit():
+        raise KdcliError(f"--workers {value}: expected a number of worker processes (0 or more) or auto")
+    return int(value)
 
 
 @app.command(cls=Command, epilog=examples("distill"))
@@ -178,6 +189,10 @@ def distill(
     baseline_arch: str = BASELINE_ARCH,
     min_top1: float = MIN_TOP1,
     max_drop: float = MAX_DROP,
+    workers: str = WORKERS,
+    cache: str = typer.Option("auto", "--cache", help="store the teacher's and reference's outputs per view: off, "
+                              "auto (when the recipe sets data.views: K; in $KDCLI_CACHE_DIR or ~/.cache/kdcli) or "
+                              "a folder"),
     dry_run: bool = DRY_RUN,
     log: list[str] = LOG,
     export: str = typer.Option(None, "--export", help="also export the student: onnx, int8, fp16, bf16 (comma-separated) "
@@ -203,7 +218,7 @@ def distill(
             init_from=teacher if init_from_teacher else None, choices=choices, device_name=device, force=force,
             resume=resume, listener=listener, baseline_ref=baseline, baseline_arch=baseline_arch,
             min_top1=min_top1, max_drop=max_drop, dry_run=dry_run, show_plan=_plan_shower(), export=export,
-            log=log))
+            log=log, workers=_workers(workers), cache=cache))
     if dry_run:
         return _dry_run(report, json_)
     _show(report, failed, json_, lambda: print_run(report, out))
@@ -286,6 +301,7 @@ def train(
     baseline: str = BASELINE,
     baseline_arch: str = BASELINE_ARCH,
     min_top1: float = MIN_TOP1,
+    workers: str = WORKERS,
     dry_run: bool = DRY_RUN,
     log: list[str] = LOG,
     json_: bool = JSON,
@@ -309,7 +325,7 @@ def train(
         report, failed = _finish(lambda: train_student(
             plan, arch, data, out, choices=choices, device_name=device, force=force, resume=resume,
             listener=listener, kind="train", baseline_ref=baseline, baseline_arch=baseline_arch, min_top1=min_top1,
-            dry_run=dry_run, show_plan=_plan_shower(), log=log))
+            dry_run=dry_run, show_plan=_plan_shower(), log=log, workers=_workers(workers)))
     if dry_run:
         return _dry_run(report, json_)
     _show(report, failed, json_, lambda: print_run(report, out))

@@ -252,6 +252,10 @@ def print_plan(plan: dict, stderr: bool = False) -> None:
         which = "ensemble" if teacher["weight"] is None else f"teacher.{number}"
         weight = "" if teacher["weight"] is None else f", logit weight {teacher['weight']:g}"
         say(f"  {which:<8} {teacher['arch']} ({teacher['ref']}): val top-1 {teacher['top1']:.1f}%{weight}")
+    pipeline = plan.get("pipeline")
+    if pipeline:
+        say(f"  images   decoded {pipeline['decoded']}; {pipeline['workers']} loader workers; views "
+            f"{pipeline['views']}; stored outputs: {pipeline['cache']}")
     steps = plan["steps"]
     shared = steps.get("processes", 1)
     split = f" (the global batch: {shared} processes x {steps['batch_size'] // shared})" if shared > 1 else ""

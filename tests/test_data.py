@@ -6,6 +6,7 @@ import json
 import pickle
 
 import numpy as np
+import torch
 
 from test_errors import assert_one_clear_line
 
@@ -52,3 +53,36 @@ def test_a_cifar_batch_that_holds_code_is_refused(cli, tmp_path):
     assert_one_clear_line(result, "cannot read CIFAR batch", "data_batch_3", "print from a CIFAR batch")
     assert "this would have run" not in result.out + result.err
     assert not (tmp_path / "run").exists()
+
+
+def test_images_decoded_once_give_the_views_decoded_at_every_step(tmp_path):
+    """Decoding once (uint8 in memory) changes nothing a model sees: every crop of an ImageFolder with mixed
+    sizes is the same as when each image is decoded from its file at every step (a memory budget of 0)."""
+    from PIL import Image
+
+    from kdcli.data import DataConfig, TrainView, open_data
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for index, size in enumerate([(40, 40), (48, 32), (32, 32), (36, 44)]):
+            folder = tmp_path / split / f"c{index % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    train = open_data(str(tmp_path)).train
+    config = DataConfig(32, (0.5, 0.4, 0.3), (0.2, 0.3, 0.25), crop_pct=0.875)
+    for crop in ("pad", "resized", "none"):
+        decoded = TrainView(train, config, hflip=True, crop=crop, seed=1).at(1, 2)
+        from_files = TrainView(train, config, hflip=True, crop=crop, seed=1, memory_budget=0).at(1, 2)
+        assert decoded.pixels.in_memory and not from_files.pixels.in_memory
+        images, labels, samples = decoded.__getitems__([3, 0, 2])
+        assert images.shape == (3, 3, 32, 32) and labels.tolist() == [1, 0, 1] and samples.tolist() == [3, 0, 2]
+        assert torch.equal(images, from_files.__getitems__([3, 0, 2])[0]), crop
+
+
+def test_workers_auto_is_none_for_images_in_memory_and_can_be_set(cli):
+    plan = cli("train", "test_resnet", "--data", "synthetic:train=64,val=16", "--dry-run", "--json").json()["plan"]
+    assert plan["pipeline"]["workers"] == 0 and plan["pipeline"]["decoded"].startswith("once, in memory")
+    assert plan["pipeline"]["views"] == "fresh every epoch" and plan["pipeline"]["cache"] == "off"
+    plan = cli("train", "test_resnet", "--data", "synthetic:train=64,val=16", "--workers", "2", "--dry-run",
+               "--json").json()["plan"]
+    assert plan["pipeline"]["workers"] == 2

@@ -482,6 +482,12 @@ CASES = {
     "out-is-a-file": (lambda c: out_is_a_file(c), ["is a file"]),
     "out-not-writable": (
         lambda c: c.distill(out="/sys/kdcli-out"), ["cannot write in /sys", "choose another folder"]),
+    "bad-workers": (lambda c: c.distill(None, "test_efficientnet", "--workers", "many"), ["--workers many", "auto"]),
+    "cache-without-views": (
+        lambda c: c.distill(None, "test_efficientnet", "--cache", c.tmp / "cache"), ["need fixed views", "data.views"]),
+    "cache-is-a-file": (
+        lambda c: c.distill(None, "test_efficientnet", "--set", "data.views=2", "--cache", c.file("cache")),
+        ["is a file", "--cache"]),
     "nothing-to-resume": (lambda c: c.distill(None, "test_efficientnet", "--resume"), ["nothing to resume"]),
     "no-cuda": (lambda c: c.distill(None, "test_efficientnet", "--device", "cuda"), ["no CUDA device"]),
     "out-inside-data": (
@@ -548,6 +554,7 @@ ELSEWHERE = {
     **{case: ("test_distributed", "test_bad_distributed_input_ends_every_process_alike")
        for case in ("batch-not-shared-evenly", "train-smaller-than-a-batch", "command-not-distributed")},
     "missing-tensorboard": ("test_terminal", "test_log_tensorboard_without_the_package_is_one_line_before_any_work"),
+    "cache-entry-stale": ("test_cache", "test_cached_and_uncached_runs_on_the_same_views_train_the_same_student"),
 }
 
 

@@ -209,8 +209,7 @@ def estimate_seconds(student: torch.nn.Module, teacher: torch.nn.Module | None, 
     teacher timed on it (a training step is taken as three student forwards: forward + backward), plus the
     per-epoch validation. Nothing is changed: eval mode, no gradients, no random numbers drawn."""
     started = time.perf_counter()
-    for index in range(min(batch_size, len(view))):
-        view[index]
+    view.__getitems__(list(range(min(batch_size, len(view)))))
     read = time.perf_counter() - started
     student_time = _forward_seconds(student, batch_size, size, device)
     teacher_time = _forward_seconds(teacher, batch_size, teacher_size, device) if teacher is not None else 0.0

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from kdcli import distributed
-from kdcli.data import DataConfig, DataSource, EvalView, TrainView, eval_loader, open_data
+from kdcli.data import DataConfig, DataSource, EvalView, TrainView, auto_workers, eval_loader, open_data
 from kdcli.errors import Interrupted, KdcliError, SignalReceived
 from kdcli.evaluation.assess import Subject, assess, model_subject, run_info
 from kdcli.evaluation.gate import check_gate_options, enforce, gate_result
@@ -33,10 +33,12 @@ from kdcli.jobs.runlog import Listeners, RunLog, check_loggers
 from kdcli.models.checkpoint import LoadedModel, build, open_source, save_timm_folder
 from kdcli.models.init_from_teacher import describe, init_from_teacher
 from kdcli.models.preprocessing import recipe_layer, teacher_input
+from kdcli.training.cache import OutputCache
+from kdcli.training.cache import resolve as resolve_cache
 from kdcli.training.engine import EpochRecord, Listener, StopRequested, Term, TrainingData
-from kdcli.training.sources import identity as identity_input
 from kdcli.training.pipeline import Checkpoint, Models, StageOutcome, check_plan, restore_models, run_stages
 from kdcli.training.recipe import Recipe
+from kdcli.training.sources import identity as identity_input
 from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals, restoring
 
 
@@ -64,6 +66,7 @@ class Run:
     teacher_check: TeacherCheck | None = None  # the teacher's validation predictions, reused by the report
     plan: dict | None = None
     teachers: list[dict] | None = None  # with several teachers: each one's ref, arch, weight and top-1
+    cache: OutputCache | None = None  # stored outputs of the frozen sources (--cache)
 
     @property
     def student_folder(self) -> Path:
@@ -138,13 +141,17 @@ def prepare(
     max_drop: float | None = None,
     dry_run: bool = False,
     show_plan=None,
+    workers: int | str | None = None,
+    cache: str = "auto",
 ) -> Run:
     """Load and check models, data and recipe; check the teacher on the validation split; build the run plan
     (shown through show_plan before training); open the checkpoint to resume from. out: the folder the run
-    writes in (its staging folder)."""
+    writes in (its staging folder). workers (an int or "auto") overrides the recipe's data.workers; cache is
+    --cache off|auto|DIR."""
     started = time.perf_counter()
     choices = choices or ModelChoices(teacher_arch, student_arch)
     check_gate_options(min_top1, max_drop, teacher_ref is not None)
+    cache_folder = resolve_cache(cache, recipe.data.views)
     device = resolve_device(device_name)
     tensors, state = distributed.from_writer(lambda: open_resume(out)) if resume else ({}, None)
     source = open_data(data_spec)
@@ -171,6 +178,10 @@ def prepare(
     if state is not None:  # before the teacher check: other inputs are the likelier and cheaper mistake
         check_same_run(out, state["fingerprint"], fingerprint)
     baseline = subject(baseline_ref, baseline_arch, "baseline", "--baseline-arch", source) if baseline_ref else None
+    view = TrainView(source.train, config, settings.augment.hflip, settings.augment.crop, recipe.seed,
+                     settings.views)
+    workers = settings.workers if workers is None else workers
+    workers = auto_workers(view) if workers == "auto" else int(workers)
     student.model.to(device)
     probe(student, config.image_size, "student", device)
     teacher_config, adapter, check = None, None, None
@@ -179,19 +190,19 @@ def prepare(
         teacher.model.to(device).eval().requires_grad_(False)
         probe(teacher, teacher_config.image_size, "teacher", device)
         check = check_teacher(teacher, resolved.teacher_pre, source, device, settings.eval_batch_size,
-                              settings.workers, choices.allow_weak_teacher)
+                              workers, choices.allow_weak_teacher)
         adapter = teacher_input(config, teacher_config)
     more_teachers, teachers = [], None
     if extra_teachers:
-        more_teachers, checks = _check_more_teachers(resolved, source, device, recipe, choices.allow_weak_teacher)
+        more_teachers, checks = _check_more_teachers(resolved, source, device, recipe, workers,
+                                                      choices.allow_weak_teacher)
         teachers = teacher_entries([teacher_ref, *extra_teachers], [teacher, *(t for t, _ in resolved.more_teachers)],
                                    [check, *checks], weights)
     data = TrainingData(
-        view=TrainView(source.train, config, settings.augment.hflip, settings.augment.crop, recipe.seed),
-        val_loader=eval_loader(EvalView(source.val, config), settings.eval_batch_size, settings.workers),
-        batch_size=settings.batch_size, workers=settings.workers, seed=recipe.seed,
+        view=view, val_loader=eval_loader(EvalView(source.val, config), settings.eval_batch_size, workers),
+        batch_size=settings.batch_size, workers=workers, seed=recipe.seed,
     )
-    teacher_in = adapter.to(device) if adapter is not None else (lambda x: x)
+    teacher_in = adapter.to(device) if adapter is not None else identity_input
     models = Models(student.model, resolved.started_from_weights, teacher.model if teacher else None,
                     config.image_size, teacher_in, more_teachers, weights if extra_teachers else None)
     all_terms = check_plan(recipe, models)
@@ -202,6 +213,8 @@ def prepare(
                              f"{distributed.world_size()}: the same global batches, in the same order")
     if teachers:
         plan["teachers"] = teachers
+    stored = OutputCache(cache_folder, view, device, settings.eval_batch_size) if cache_folder else None
+    plan["pipeline"] = pipeline_entry(view, workers, cache_folder)
     if show_plan is not None and not dry_run:
         show_plan(plan)
     checkpoint = Checkpoint(out / CHECKPOINT_NAME, fingerprint, tensors=tensors, state=state)
@@ -209,11 +222,11 @@ def prepare(
         with restoring(checkpoint.path):
             restore_models(checkpoint, models, all_terms)
     return Run(kind, recipe, out, device, source, student, config, teacher, teacher_config, baseline, models,
-               all_terms, data, checkpoint, min_top1, max_drop, started, check, plan, teachers)
+               all_terms, data, checkpoint, min_top1, max_drop, started, check, plan, teachers, stored)
 
 
 def _check_more_teachers(resolved: ResolvedModels, source: DataSource, device: torch.device, recipe: Recipe,
-                         allow_weak: bool) -> tuple[list, list[TeacherCheck]]:
+                         workers: int, allow_weak: bool) -> tuple[list, list[TeacherCheck]]:
     """Each --teacher on the device, probed and checked on the validation split like TEACHER; returns their
     (model, input preparation) pairs for the `teacher` source and their checks."""
     config, settings = resolved.student_pre.config, recipe.data
@@ -221,7 +234,7 @@ def _check_more_teachers(resolved: ResolvedModels, source: DataSource, device: t
     for loaded, pre in resolved.more_teachers:
         loaded.model.to(device).eval().requires_grad_(False)
         probe(loaded, pre.config.image_size, "teacher", device)
-        checks.append(check_teacher(loaded, pre, source, device, settings.eval_batch_size, settings.workers,
+        checks.append(check_teacher(loaded, pre, source, device, settings.eval_batch_size, workers,
                                     allow_weak))
         prepare = teacher_input(config, pre.config)
         members.append((loaded.model, prepare.to(device) if prepare is not None else identity_input))
@@ -255,6 +268,18 @@ def check_shares(batch_size: int, train_size: int) -> None:
                          "set a smaller data.batch_size (a multiple of the processes)")
 
 
+def pipeline_entry(view: TrainView, workers: int, cache: Path | None) -> dict:
+    """How the training images are served, for the run plan."""
+    pixels = view.pixels
+    return {
+        "decoded": f"once, in memory ({pixels.bytes / 2**20:.0f} MiB)" if pixels.in_memory else
+                   f"from the files every step ({pixels.bytes / 2**20:.0f} MiB would not fit in memory)",
+        "workers": workers,
+        "views": f"{view.views} fixed per image" if view.views else "fresh every epoch",
+        "cache": str(cache) if cache else "off",
+    }
+
+
 def train(run: Run, listener: Listener) -> list[StageOutcome]:
     """Run the stages; SIGINT/SIGTERM save the state and end in Interrupted."""
     if not run.checkpoint.resuming and distributed.is_writer():
@@ -263,7 +288,7 @@ def train(run: Run, listener: Listener) -> list[StageOutcome]:
         run.checkpoint.stop_requested = signals.requested
         try:
             outcomes = run_stages(run.recipe, run.all_terms, run.models, run.data, run.device, listener,
-                                  run.checkpoint)
+                                  run.checkpoint, run.cache)
         except StopRequested as stop:
             where = run.recipe.stages[stop.position.stage].name
             raise Interrupted(
@@ -296,7 +321,7 @@ def finish(run: Run, outcomes: list[StageOutcome], export_formats: list[str] = (
         teacher = model_subject(run.teacher, run.teacher_config, run.teacher.weights_path,
                                 (check.logits, check.labels))
     settings = run.recipe.data
-    evaluation = assess(run.source, run.device, settings.eval_batch_size, settings.workers,
+    evaluation = assess(run.source, run.device, settings.eval_batch_size, run.data.workers,
                         model_subject(run.student, run.config, folder / "model.safetensors"), teacher, run.baseline,
                         exported_subjects(exported, run.source.native_size))
     for entry in (evaluation["student"], evaluation["teacher"], evaluation["baseline"], *evaluation["exports"]):

@@ -215,7 +215,8 @@ class StageRunner:
         started = time.perf_counter()
         for module in plan.trained():
             module.train()
-        loader = train_loader(data.view, data.batch_size, self.order_seed, plan.index, epoch, data.workers, first_step)
+        loader = train_loader(data.view, data.batch_size, self.order_seed, plan.index, epoch, data.workers, first_step,
+                              pin_memory=self.device.type == "cuda")
         lr = self.optimizer.param_groups[0]["lr"]
         images_run = 0
         for step, (images, labels, samples) in enumerate(loader, start=first_step):

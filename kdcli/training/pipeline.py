@@ -18,6 +18,7 @@ from kdcli import distributed
 from kdcli.errors import KdcliError
 from kdcli.models import taps
 from kdcli.training import sources
+from kdcli.training.cache import OutputCache
 from kdcli.training.engine import (
     EpochRecord, EpochSums, Listener, NotFinite, Position, StagePlan, StageRunner, Term, TrainingData,
 )
@@ -177,9 +178,11 @@ def run_stages(
     device: torch.device,
     listener: Listener,
     checkpoint: Checkpoint,
+    cache: OutputCache | None = None,
 ) -> list[StageOutcome]:
     """Train the student through every stage (terms from check_plan), saving a checkpoint after every epoch.
-    Resumes where a checkpoint left off."""
+    Resumes where a checkpoint left off. With a cache, frozen sources' outputs are stored per view and looked
+    up (computed when a stage starts, once its sources are as they will stay)."""
     state = checkpoint.state
     start = Position(**state["position"]) if state else Position(0)
     done = [StageOutcome(o["name"], o["epochs"], o["anchor"], [EpochRecord(**r) for r in o["history"]])
@@ -202,6 +205,8 @@ def run_stages(
                                            if k.startswith(prefix)})
                     runner.load_state(join_tensors(state["runner"], checkpoint.tensors))
                 sums = EpochSums(**state["sums"]) if state["sums"] else None
+            if cache is not None:
+                plan.sources = cache.wrap(plan.sources, plan.needs())
             saver = _Saver(checkpoint, models, all_terms, done, history, plan.sources)
             try:
                 runner.run(start if resumed else Position(index), sums, history, saver)

@@ -51,7 +51,20 @@ class DataSettings(_Strict):
     mean: tuple[_Mean, _Mean, _Mean] | None = Field(None, description="default: from the teacher's config")
     std: tuple[_Std, _Std, _Std] | None = Field(None, description="default: from the teacher's config")
     augment: Augment = Field(default_factory=Augment)
-    workers: int = Field(0, ge=0, le=64, description="data loader worker processes")
+    workers: int | Literal["auto"] = Field(
+        "auto", description="data loader worker processes (0-64); auto: none when the images are decoded in memory "
+        "and cropped in batches, else all cores but one (at most 8)"
+    )
+    views: int | None = Field(
+        None, ge=1, le=1000, description="fixed augmented views per training image, each epoch showing one of them "
+        "(lets teacher and reference outputs be stored, see --cache); default: a fresh view every epoch"
+    )
+
+    @model_validator(mode="after")
+    def _workers_in_range(self) -> DataSettings:
+        if isinstance(self.workers, int) and not 0 <= self.workers <= 64:
+            raise ValueError("workers must be 0 to 64, or auto")
+        return self
 
 
 class AnchorSettings(AnchorFields):

@@ -10,7 +10,8 @@ feature or relation method taps with `teacher: N`.
 A source turns the step's batch into Outputs (logits, features at tap keys); a method reads them by name and
 cannot tell how they were made. The engine knows sources only through this interface. Adding a source = a class
 with `outputs` (and `state`/`load_state` if a checkpoint must hold it) + one entry in KINDS. Stored outputs
-would be a source that looks the batch's views up instead of running a model.
+(cache.py) wrap a FrozenModel and look the batch's views up instead of running it; several teachers are more
+entries (`teacher.0`, `teacher.1`, and `teacher`, their weighted average).
 """
 
 from __future__ import annotations
