@@ -367,6 +367,11 @@ def eval_(
     from kdcli.display import print_eval
     from kdcli.jobs.evaluation import eval_checkpoint
 
+    onnx = [Path(ref) for ref in (checkpoint, teacher, baseline) if ref and ref.lower().endswith(".onnx")]
+    if onnx:  # a missing extra is found before any work is announced
+        from kdcli.models.export import require_extra
+
+        require_extra(f"evaluating {onnx[0].name}")
     with _progress() as listener:
         listener.phase(f"evaluating {printable(checkpoint)} on {printable(data)}, then timing it")
         report, failed = _finish(lambda: eval_checkpoint(

@@ -377,7 +377,7 @@ CASES = {
         lambda c: c.distill("someorg/some-model"), ["does not exist", "hf-hub:someorg/some-model"]),
     "teacher-at-chance": (
         lambda c: c.distill(random_teacher(c)),
-        ["no better than chance", "class folders", "--teacher-mean", "--allow-weak-teacher"]),
+        ["no better than chance", "class order", "--teacher-mean", "--allow-weak-teacher"]),
     "teacher-label-names-differ": (
         lambda c: c.distill(teacher_with_config(c, "t", label_names=[f"class_{i}" for i in reversed(range(10))])),
         ["label_names differ from the data's class folders", "another order", "--allow-weak-teacher"]),

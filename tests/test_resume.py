@@ -271,7 +271,7 @@ def test_in_place_fine_tune_killed_after_its_new_weights_resumes(tmp_path, teach
 
     assert run_kdcli(*fine_tune(folders[1], "--force")).code == 0
     marker = tmp_path / "evaluating"
-    spy = [sys.executable, str(Path(__file__).parent / "spy.py"), "kdcli.evaluation.assess:measure_speed", str(marker)]
+    spy = [sys.executable, str(Path(__file__).parent / "spy.py"), "kdcli.evaluation.assess:measure_speeds", str(marker)]
     run = Watched([*spy, *fine_tune(folders[0], "--force")])
     assert run.wait_until(marker.exists), run.err
     run.process.kill()

@@ -14,6 +14,7 @@ import timm
 import torch
 import yaml
 
+from conftest import partial_of
 from kdcli.training.trainstate import CHECKPOINT_NAME, STATE_KEY, StopSignals
 
 STUDENT = "ghostnet_050"  # timm's default drop_rate 0.2: dropout before the classifier, drawn every training step
@@ -48,7 +49,7 @@ def test_a_dropout_student_resumed_mid_epoch_ends_like_an_uninterrupted_run(cli,
     monkeypatch.setattr(StopSignals, "requested", stop_mid_epoch)
     assert distill(out).code == 130
     monkeypatch.undo()
-    with safetensors.safe_open(str(out / CHECKPOINT_NAME), "pt") as handle:
+    with safetensors.safe_open(str(partial_of(out) / CHECKPOINT_NAME), "pt") as handle:
         assert json.loads(handle.metadata()[STATE_KEY])["position"] == {"stage": 0, "epoch": 1, "step": 2}
     resumed = distill(out, "--resume")
     assert resumed.code == 0, resumed.err

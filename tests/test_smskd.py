@@ -9,7 +9,7 @@ import safetensors.torch
 import timm
 import torch
 
-from conftest import DATA
+from conftest import DATA, partial_of
 from kdcli.training.recipe import builtin_names
 from kdcli.training.trainstate import CHECKPOINT_NAME, StopSignals
 
@@ -45,7 +45,7 @@ def test_connectors_are_in_the_training_checkpoint_and_resume(cli, teacher_dir, 
     monkeypatch.setattr(StopSignals, "requested", stop_in_feature_stage)
     args = ["distill", teacher_dir, "resnet10t", "--data", DATA, "--out", out, "--recipe", "smskd", *ONE_EPOCH]
     assert cli(*args).code == 130
-    with safetensors.safe_open(str(out / CHECKPOINT_NAME), "pt") as handle:
+    with safetensors.safe_open(str(partial_of(out) / CHECKPOINT_NAME), "pt") as handle:
         keys = list(handle.keys())
     connector = [k for k in keys if k.startswith("method.1.fitnets.connectors.0.")]
     assert any(k.endswith("0.weight") for k in connector) and any(k.endswith("running_var") for k in connector)

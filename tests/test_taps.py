@@ -132,7 +132,7 @@ def test_a_logits_only_stage_hooks_nothing():
 
 def test_unknown_tap_exits_2_before_training(cli, teacher_dir, tmp_path):
     out = tmp_path / "run"
-    result = cli("distill", teacher_dir, "test_efficientnet", "--data", DATA, "--out", out,
+    result = cli("distill", teacher_dir, "test_efficientnet", "--data", DATA, "--out", out, "--recipe", "smskd",
                  "--set", "stages.1.losses.1.pairs.0.teacher=feature:9")
     assert result.code == 2
     assert "recipe stage 1 ('feature')" in result.err and "unknown teacher tap 'feature:9'" in result.err

@@ -157,13 +157,12 @@ def check_teacher(teacher: LoadedModel, pre: Resolved, source: DataSource, devic
     if weak and not allow_weak:
         guessed = [f"{k} ({pre.sources[k]})" for k in pre.guessed]
         flags = ", ".join(f"--teacher-{k.replace('_', '-')}" for k in pre.guessed)
-        raise KdcliError(  # the fix first: a line is capped at 400 characters
-            f"the teacher scores {top1:.1f}% top-1 on the validation split, no better than chance "
-            f"({100 * chance:.1f}%; needs {100 * threshold:.1f}% on {n} images): "
-            + (f"its preprocessing was guessed, so pass {flags} as it was trained ({'; '.join(guessed)}), " if guessed
-               else f"check its preprocessing ({FLAGS}), ")
-            + "check that the class folders are in its class order and that --data is its data; "
-            "or pass --allow-weak-teacher"
+        raise KdcliError(  # kept short: a line is capped at 400 characters
+            f"the teacher scores {top1:.1f}% top-1, no better than chance ({100 * chance:.1f}%; needs "
+            f"{100 * threshold:.1f}% on {n} validation images): "
+            + (f"its preprocessing was guessed ({'; '.join(guessed)}): pass {flags} as it was trained; else "
+               if guessed else f"check its preprocessing ({FLAGS}), ")
+            + "check the class order and --data, or pass --allow-weak-teacher"
         )
     return TeacherCheck(top1, 100 * chance, 100 * threshold, labels_match, weak, weak and allow_weak, logits, labels)
 

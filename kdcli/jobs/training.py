@@ -110,8 +110,10 @@ def train_student(recipe: Recipe, student_ref: str, data_spec: str, out: Path, *
     with outputs if distributed.is_writer() else nullcontext(outputs):
         run = prepare(recipe, student_ref, data_spec, outputs.folder, resume=resume, **options)
         outputs.phase = "training"
-        with RunLog(run.out, run.earlier_epochs(), loggers) as run_log:
-            outcomes = train(run, Listeners(run_log, listener))  # the file first: a printed epoch is on disk
+        writes = distributed.is_writer()  # under torchrun rank 0 alone writes the metrics, as every output
+        with RunLog(run.out, run.earlier_epochs(), loggers) if writes else nullcontext() as run_log:
+            # the file first: a printed epoch is on disk
+            outcomes = train(run, Listeners(run_log, listener) if writes else listener)
         outputs.phase = "writing and evaluating the student"
         listener.phase(_final_phase(run, formats))
         report = finish(run, outcomes, formats)
