@@ -6,13 +6,17 @@ import sys
 from pathlib import Path
 
 import typer
-import yaml
-from rich.console import Console
 
 from kdcli import __version__
+from kdcli import clioptions as opt
 from kdcli.clihelp import Command, Group, examples
+from kdcli.clirecipe import recipe_app
+from kdcli.clioptions import (
+    BASELINE, BASELINE_ARCH, DEVICE, DRY_RUN, FORCE, INIT_FROM_TEACHER, JSON, LOG, MAX_DROP, MIN_TOP1, MORE_TEACHERS,
+    RESET_HEAD, SET, TEACHER_WEIGHTS, WORKERS,
+)
 from kdcli.errors import KdcliError, QualityGateFailed, printable
-from kdcli.exits import err_console, report_error, run
+from kdcli.exits import err_console, run
 
 app = typer.Typer(
     name="kdcli",
@@ -24,15 +28,7 @@ app = typer.Typer(
     cls=Group,
     rich_markup_mode="markdown",
 )
-recipe_app = typer.Typer(help="Validate, show and describe recipes.", no_args_is_help=True, cls=Group,
-                         rich_markup_mode="markdown")
 app.add_typer(recipe_app, name="recipe")
-
-out_console = Console()
-
-DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda")
-SET = typer.Option(None, "--set", help="override a recipe field: dotted.path=value (repeatable)")
-JSON = typer.Option(False, "--json", help="print the machine-readable result to stdout, nothing else")
 
 
 def _version(value: bool) -> None:
@@ -89,33 +85,6 @@ def _show(report: dict, failed: QualityGateFailed | None, json_: bool, print_tex
         raise failed
 
 
-def _size_option(prefix: str, whose: str):
-    return typer.Option(None, f"--{prefix}image-size", help=f"{whose} input size [default: its config, else the data's native size]")
-
-
-def _mean_option(prefix: str, whose: str):
-    return typer.Option(None, f"--{prefix}mean", help=f"{whose} normalisation mean, R,G,B [default: its config, else timm's]")
-
-
-def _std_option(prefix: str, whose: str):
-    return typer.Option(None, f"--{prefix}std", help=f"{whose} normalisation std, R,G,B [default: its config, else timm's]")
-
-
-def _interp_option(prefix: str, whose: str):
-    return typer.Option(None, f"--{prefix}interpolation", help=f"{whose} resize interpolation: bilinear, bicubic, ...")
-
-
-RESET_HEAD = typer.Option(False, "--reset-head", help="start the student from a checkpoint of other classes: keep its "
-                          "backbone, new head (automatic for Hub and pretrained names)")
-DRY_RUN = typer.Option(False, "--dry-run", help="print the resolved plan (models, init, preprocessing, steps, time) and exit")
-
-
-def _flags(prefix: str, image_size, mean, std, interpolation):
-    from kdcli.models.preprocessing import preprocessing_flags
-
-    return preprocessing_flags(prefix, image_size, mean, std, interpolation)
-
-
 def _plan_shower():
     from kdcli.display import print_plan
 
@@ -126,34 +95,6 @@ def _dry_run(plan: dict, json_: bool) -> None:
     from kdcli.display import print_plan
 
     _print_json({"plan": plan}) if json_ else print_plan(plan)
-
-
-BASELINE = typer.Option(None, "--baseline", help="a baseline checkpoint (e.g. the student trained without KD) to compare with")
-BASELINE_ARCH = typer.Option(None, "--baseline-arch", help="baseline architecture, if its weights do not say")
-WORKERS = typer.Option(None, "--workers", help="data loader worker processes, or auto (none when the images "
-                       "are decoded in memory) [default: the recipe's data.workers, auto]")
-MIN_TOP1 = typer.Option(None, "--min-top1", help="quality gate: exit 1 when student top-1 (%) is below this")
-MAX_DROP = typer.Option(None, "--max-drop", help="quality gate: exit 1 when teacher top-1 - student top-1 exceeds these points")
-LOG = typer.Option(None, "--log", help="also log to: tensorboard (needs pip install 'kdcli[tensorboard]'); "
-                   "metrics.jsonl and metrics.csv are always written, one row per epoch")
-FORCE = typer.Option(False, "--force", help="write into a non-empty --out")
-
-
-MORE_TEACHERS = typer.Option(None, "--teacher", help="another teacher (repeatable): the teachers' logits are "
-                             "averaged; feature and relation losses tap TEACHER unless they say teacher: N")
-TEACHER_WEIGHTS = typer.Option(None, "--teacher-weights", help="weights of the teachers' logits, TEACHER first, e.g. "
-                               "0.5,0.5 [default: equal]")
-INIT_FROM_TEACHER = typer.Option(False, "--init-from-teacher", help="start the student from the teacher's weights: "
-                                 "every other block, stem and head where shapes fit (same family, fewer blocks)")
-
-
-def _workers(value: str | None) -> int | str | None:
-    """--workers N|auto."""
-    if value is None or value == "auto":
-        return value
-    if not value.isdigit():
-        raise KdcliError(f"--workers {value}: expected a number of worker processes (0 or more) or auto")
-    return int(value)
 
 
 @app.command(cls=Command, epilog=examples("distill"))
@@ -168,14 +109,14 @@ def distill(
     seed: int = typer.Option(None, "--seed", help="overrides the recipe's seed"),
     teacher_arch: str = typer.Option(None, "--teacher-arch", help="teacher architecture, if the weights do not say"),
     student_arch: str = typer.Option(None, "--student-arch", help="student architecture, if its weights do not say"),
-    teacher_image_size: int = _size_option("teacher-", "the teacher's"),
-    teacher_mean: str = _mean_option("teacher-", "the teacher's"),
-    teacher_std: str = _std_option("teacher-", "the teacher's"),
-    teacher_interpolation: str = _interp_option("teacher-", "the teacher's"),
-    image_size: int = _size_option("", "the student's (overrides the recipe's data.image_size);"),
-    mean: str = _mean_option("", "the student's"),
-    std: str = _std_option("", "the student's"),
-    interpolation: str = _interp_option("", "the student's"),
+    teacher_image_size: int = opt.size_option("teacher-", "the teacher's"),
+    teacher_mean: str = opt.mean_option("teacher-", "the teacher's"),
+    teacher_std: str = opt.std_option("teacher-", "the teacher's"),
+    teacher_interpolation: str = opt.interp_option("teacher-", "the teacher's"),
+    image_size: int = opt.size_option("", "the student's (overrides the recipe's data.image_size);"),
+    mean: str = opt.mean_option("", "the student's"),
+    std: str = opt.std_option("", "the student's"),
+    interpolation: str = opt.interp_option("", "the student's"),
     reset_head: bool = RESET_HEAD,
     more_teachers: list[str] = MORE_TEACHERS,
     teacher_weights: str = TEACHER_WEIGHTS,
@@ -208,17 +149,17 @@ def distill(
     plan = load_recipe(recipe, set_ or [], seed)
     choices = ModelChoices(
         teacher_arch, student_arch,
-        _flags("teacher-", teacher_image_size, teacher_mean, teacher_std, teacher_interpolation),
-        _flags("", image_size, mean, std, interpolation), reset_head, allow_weak_teacher)
+        opt.flags("teacher-", teacher_image_size, teacher_mean, teacher_std, teacher_interpolation),
+        opt.flags("", image_size, mean, std, interpolation), reset_head, allow_weak_teacher)
     extra = more_teachers or []
     with _progress() as listener:
         report, failed = _finish(lambda: train_student(
             plan, student, data, out, teacher_ref=teacher, extra_teachers=extra,
-            teacher_weights=_weights(teacher_weights, 1 + len(extra)),
+            teacher_weights=opt.weights(teacher_weights, 1 + len(extra)),
             init_from=teacher if init_from_teacher else None, choices=choices, device_name=device, force=force,
             resume=resume, listener=listener, baseline_ref=baseline, baseline_arch=baseline_arch,
             min_top1=min_top1, max_drop=max_drop, dry_run=dry_run, show_plan=_plan_shower(), export=export,
-            log=log, workers=_workers(workers), cache=cache))
+            log=log, workers=opt.workers(workers), cache=cache))
     if dry_run:
         return _dry_run(report, json_)
     _show(report, failed, json_, lambda: print_run(report, out))
@@ -263,20 +204,12 @@ def ablate(
     teachers = [teacher, *(more_teachers or [])]
     base = load_recipe(recipe or BASE_RECIPE, set_ or [])
     inputs = AblationInputs(
-        teachers, _weights(teacher_weights, len(teachers)), student, data, base, seeds, epochs,
+        teachers, opt.weights(teacher_weights, len(teachers)), student, data, base, seeds, epochs,
         ModelChoices(teacher_arch, student_arch, allow_weak_teacher=allow_weak_teacher), init_from_teacher,
         [name.strip() for name in cells.split(",") if name.strip()] if cells else None)
     show = None if json_ else (lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
     summary = run_ablation(inputs, out, device, force and not resume, _progress, show)
     _print_json(summary) if json_ else print_ablation(summary, out)
-
-
-def _weights(text: str | None, teachers: int) -> list[float] | None:
-    if text is None:
-        return None
-    from kdcli.training.sources import parse_teacher_weights
-
-    return parse_teacher_weights(text, teachers)
 
 
 @app.command(cls=Command, epilog=examples("train"))
@@ -290,10 +223,10 @@ def train(
     set_: list[str] = SET,
     seed: int = typer.Option(None, "--seed", help="overrides the recipe's seed"),
     arch_flag: str = typer.Option(None, "--arch", help="architecture of ARCH's weights, if they do not say"),
-    image_size: int = _size_option("", "its (overrides the recipe's data.image_size);"),
-    mean: str = _mean_option("", "its"),
-    std: str = _std_option("", "its"),
-    interpolation: str = _interp_option("", "its"),
+    image_size: int = opt.size_option("", "its (overrides the recipe's data.image_size);"),
+    mean: str = opt.mean_option("", "its"),
+    std: str = opt.std_option("", "its"),
+    interpolation: str = opt.interp_option("", "its"),
     reset_head: bool = RESET_HEAD,
     device: str = DEVICE,
     force: bool = FORCE,
@@ -319,13 +252,13 @@ def train(
                            seed)
     from kdcli.jobs.plan import ModelChoices
 
-    choices = ModelChoices(student_arch=arch_flag, student_flags=_flags("", image_size, mean, std, interpolation),
+    choices = ModelChoices(student_arch=arch_flag, student_flags=opt.flags("", image_size, mean, std, interpolation),
                            reset_head=reset_head)
     with _progress() as listener:
         report, failed = _finish(lambda: train_student(
             plan, arch, data, out, choices=choices, device_name=device, force=force, resume=resume,
             listener=listener, kind="train", baseline_ref=baseline, baseline_arch=baseline_arch, min_top1=min_top1,
-            dry_run=dry_run, show_plan=_plan_shower(), log=log, workers=_workers(workers)))
+            dry_run=dry_run, show_plan=_plan_shower(), log=log, workers=opt.workers(workers)))
     if dry_run:
         return _dry_run(report, json_)
     _show(report, failed, json_, lambda: print_run(report, out))
@@ -341,14 +274,14 @@ def eval_(
     arch: str = typer.Option(None, "--arch", help="architecture, if the weights do not say"),
     teacher: str = typer.Option(None, "--teacher", help="the teacher: agreement, retention, speed-up and size ratio"),
     teacher_arch: str = typer.Option(None, "--teacher-arch", help="teacher architecture, if its weights do not say"),
-    image_size: int = _size_option("", "the checkpoint's"),
-    mean: str = _mean_option("", "the checkpoint's"),
-    std: str = _std_option("", "the checkpoint's"),
-    interpolation: str = _interp_option("", "the checkpoint's"),
-    teacher_image_size: int = _size_option("teacher-", "the teacher's"),
-    teacher_mean: str = _mean_option("teacher-", "the teacher's"),
-    teacher_std: str = _std_option("teacher-", "the teacher's"),
-    teacher_interpolation: str = _interp_option("teacher-", "the teacher's"),
+    image_size: int = opt.size_option("", "the checkpoint's"),
+    mean: str = opt.mean_option("", "the checkpoint's"),
+    std: str = opt.std_option("", "the checkpoint's"),
+    interpolation: str = opt.interp_option("", "the checkpoint's"),
+    teacher_image_size: int = opt.size_option("teacher-", "the teacher's"),
+    teacher_mean: str = opt.mean_option("teacher-", "the teacher's"),
+    teacher_std: str = opt.std_option("teacher-", "the teacher's"),
+    teacher_interpolation: str = opt.interp_option("teacher-", "the teacher's"),
     baseline: str = BASELINE,
     baseline_arch: str = BASELINE_ARCH,
     out: Path = typer.Option(None, "--out", "-o", help="write report.json, report.md and reliability.png here"),
@@ -378,8 +311,8 @@ def eval_(
             checkpoint, data, arch, batch_size=batch_size, workers=workers, device_name=device, teacher_ref=teacher,
             teacher_arch=teacher_arch, baseline_ref=baseline, baseline_arch=baseline_arch, out=out, force=force,
             min_top1=min_top1, max_drop=max_drop, threads=threads,
-            flags=_flags("", image_size, mean, std, interpolation),
-            teacher_flags=_flags("teacher-", teacher_image_size, teacher_mean, teacher_std, teacher_interpolation),
+            flags=opt.flags("", image_size, mean, std, interpolation),
+            teacher_flags=opt.flags("teacher-", teacher_image_size, teacher_mean, teacher_std, teacher_interpolation),
             split=split))
     _show(report, failed, json_, lambda: print_eval(report, checkpoint, out))
 
@@ -447,10 +380,10 @@ def convert(
                                      "(or .safetensors)"),
     arch: str = typer.Option(None, "--arch", help="its timm architecture [default: a timm train.py checkpoint's args.model]"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder: model.safetensors + config.json"),
-    image_size: int = _size_option("", "the size it was trained at;"),
-    mean: str = _mean_option("", "the"),
-    std: str = _std_option("", "the"),
-    interpolation: str = _interp_option("", "the"),
+    image_size: int = opt.size_option("", "the size it was trained at;"),
+    mean: str = opt.mean_option("", "the"),
+    std: str = opt.std_option("", "the"),
+    interpolation: str = opt.interp_option("", "the"),
     ema: bool = typer.Option(False, "--ema", help="take the EMA weights (state_dict_ema / model_ema)"),
     prefix: str = typer.Option(None, "--prefix", help="take only the weights under this key prefix and strip it "
                                "(Lightning: the attribute holding the model, e.g. model.)"),
@@ -461,7 +394,7 @@ def convert(
     from kdcli.jobs.outputs import Outputs
     from kdcli.models.convert import convert_checkpoint
 
-    flags = _flags("", image_size, mean, std, interpolation)
+    flags = opt.flags("", image_size, mean, std, interpolation)
     with Outputs(out, force=force, inputs={"checkpoint": checkpoint}, phase="converting") as outputs:
         summary = convert_checkpoint(checkpoint, arch, outputs.folder, flags, ema, prefix)
     summary["out"] = str(out / Path(summary["out"]).name)
@@ -471,58 +404,6 @@ def convert(
     from kdcli.display import print_conversion
 
     print_conversion(summary, checkpoint, out)
-
-
-@recipe_app.command("validate", cls=Command, epilog=examples("recipe validate"))
-def recipe_validate(
-    files: list[str] = typer.Argument(..., help="recipe YAML files or built-in names"),
-    set_: list[str] = SET,
-) -> None:
-    """Check recipes against the schema; print every problem with its field path."""
-    from kdcli.training.recipe import RecipeError, load_recipe
-
-    failed = False
-    for ref in files:
-        try:
-            plan = load_recipe(ref, set_ or [])
-        except RecipeError as err:
-            failed = True
-            for problem in err.problems:
-                report_error(problem)
-            continue
-        out_console.print(f"ok: {printable(ref)} ('{plan.name}', {len(plan.stages)} stages, hash {plan.digest()})",
-                          markup=False, soft_wrap=True)
-    if failed:
-        raise typer.Exit(2)
-
-
-@recipe_app.command("show", cls=Command, epilog=examples("recipe show"))
-def recipe_show(
-    ref: str = typer.Argument(..., help="built-in name or YAML file"),
-    set_: list[str] = SET,
-) -> None:
-    """Print a recipe as it would run: defaults filled in, overrides applied."""
-    from kdcli.training.recipe import load_recipe
-
-    sys.stdout.write(load_recipe(ref, set_ or []).to_yaml())
-
-
-@recipe_app.command("list", cls=Command, epilog=examples("recipe list"))
-def recipe_list() -> None:
-    """The built-in recipes, usable by name with --recipe."""
-    from kdcli.training.recipe import builtin_dir, builtin_names
-
-    for name in builtin_names():
-        raw = yaml.safe_load((builtin_dir() / f"{name}.yaml").read_text(encoding="utf-8"))
-        out_console.print(f"[bold]{name}[/bold]: {' '.join(str(raw.get('description', '')).split())}")
-
-
-@recipe_app.command("schema", cls=Command, epilog=examples("recipe schema"))
-def recipe_schema() -> None:
-    """Print the recipe's JSON Schema (for editors and CI checks)."""
-    from kdcli.training.recipe import recipe_schema as schema
-
-    _print_json(schema())
 
 
 @app.command(cls=Command, epilog=examples("methods"))
@@ -545,16 +426,16 @@ def inspect(
     image_size: int = typer.Option(None, "--image-size", help="input size [default: the checkpoint's, else timm's]"),
     arch: str = typer.Option(None, "--arch", help="architecture of the weights, if they do not say"),
     num_classes: int = typer.Option(1000, "--num-classes", min=1, help="classes of an architecture named by name"),
-    mean: str = _mean_option("", "its"),
-    std: str = _std_option("", "its"),
-    interpolation: str = _interp_option("", "its"),
+    mean: str = opt.mean_option("", "its"),
+    std: str = opt.std_option("", "its"),
+    interpolation: str = opt.interp_option("", "its"),
     json_: bool = JSON,
 ) -> None:
     """Architecture, parameters, size, preprocessing and the taps (index, module path, channels, reduction) of a model."""
     from kdcli.display import print_inspection
     from kdcli.models.inspection import inspect_model
 
-    info = inspect_model(model, image_size, arch, num_classes, _flags("", None, mean, std, interpolation))
+    info = inspect_model(model, image_size, arch, num_classes, opt.flags("", None, mean, std, interpolation))
     if json_:
         _print_json(info)
         return
