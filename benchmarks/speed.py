@@ -14,7 +14,7 @@ Hinton KD, on a generated 32x32 ImageFolder (PNG files), batch 128. Paths:
     smskd         `kdcli distill --recipe smskd`, 3 stages of 1 epoch: for peak memory only
 
 Each path runs in its own process (so its peak RSS is its own), in rounds, paths interleaved; throughput is the
-steady state: images per second from the first to the last step of every epoch (data loading included; the
+steady state: images per second from the first to the last loss read of every epoch (data loading included; the
 first step, per-epoch validation and checkpointing not), the median over epochs and rounds.
 """
 
@@ -63,25 +63,26 @@ def preloaded(data: Path):
 
 
 class Steps:
-    """Timestamps of every step, per epoch."""
+    """When steps were done, per epoch: (time, images) each time kdcli read its losses back (every step for the
+    reference loops)."""
 
     def __init__(self):
-        self.epochs: list[list[float]] = []
+        self.epochs: list[list[tuple[float, int]]] = []
         self.started = None
 
     def stage_started(self, plan, steps_per_epoch):
         self.started = self.started or time.perf_counter()
         self.epochs.append([])
 
-    def step_done(self):
-        self.epochs[-1].append(time.perf_counter())
+    def steps_done(self, steps):
+        self.epochs[-1].append((time.perf_counter(), sum(images for images, _ in steps)))
 
     def epoch_done(self, record):
         self.epochs.append([])
 
     def throughput(self) -> list[float]:
-        """Per epoch: the images of its steps after the first, over the time from its first to its last step."""
-        return [(len(e) - 1) * BATCH / (e[-1] - e[0]) for e in self.epochs if len(e) > 1]
+        """Per epoch: the images done after its first read, over the time from its first to its last read."""
+        return [sum(images for _, images in e[1:]) / (e[-1][0] - e[0][0]) for e in self.epochs if len(e) > 1]
 
 
 def reference_loop(path: str, data: Path, teacher_dir: Path, epochs: int) -> dict:
@@ -102,7 +103,7 @@ def reference_loop(path: str, data: Path, teacher_dir: Path, epochs: int) -> dic
         for start in range(0, len(order) - BATCH + 1, BATCH):
             batch = order[start:start + BATCH]
             step(images[batch], labels[batch])
-            steps.step_done()
+            steps.steps_done([(BATCH, 0.0)])
     return {"img_s": steps.throughput()}
 
 

@@ -1,6 +1,6 @@
 """Progress on stderr: rich bars on a terminal, plain flushed lines otherwise (CI logs), nothing with --quiet.
 
-Every listener hears the stages start, each step (its images and loss) and each epoch end (engine.Listener), and
+Every listener hears the stages start, the steps (their images and losses, a few at a time) and each epoch end (engine.Listener), and
 the phases of a command outside training (`phase`: the final evaluation and timing)."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Silent:
     def stage_started(self, plan: StagePlan, steps_per_epoch: int) -> None:
         return None
 
-    def step_done(self, images: int, loss: float) -> None:
+    def steps_done(self, steps: list[tuple[int, float]]) -> None:
         return None
 
     def epoch_done(self, record: EpochRecord) -> None:
@@ -69,10 +69,11 @@ class _Epoch:
         self.steps, self.done, self.images, self.loss_sum = steps, 0, 0, 0.0
         self.started = time.perf_counter()
 
-    def add(self, images: int, loss: float) -> None:
-        self.done += 1
-        self.images += images
-        self.loss_sum += loss * images
+    def add(self, steps: list[tuple[int, float]]) -> None:
+        for images, loss in steps:
+            self.done += 1
+            self.images += images
+            self.loss_sum += loss * images
 
     @property
     def loss(self) -> float:
@@ -100,11 +101,12 @@ class PlainProgress(Silent):
         self.steps, self.epoch = steps_per_epoch, _Epoch(steps_per_epoch)
         self.say(_stage_line(plan))
 
-    def step_done(self, images: int, loss: float) -> None:
+    def steps_done(self, steps: list[tuple[int, float]]) -> None:
         epoch = self.epoch
-        epoch.add(images, loss)
         every = max(1, epoch.steps // 10)
-        if self.verbose and epoch.done % every == 0 and epoch.done < epoch.steps:
+        before = epoch.done // every
+        epoch.add(steps)
+        if self.verbose and epoch.done // every > before and epoch.done < epoch.steps:
             left = (epoch.steps - epoch.done) * (time.perf_counter() - epoch.started) / epoch.done
             self.say(f"  step {epoch.done}/{epoch.steps}  loss {epoch.loss:.4f}  {epoch.rate:.0f} img/s  "
                      f"epoch ETA {_clock(left)}")
@@ -161,9 +163,9 @@ class RichProgress(PlainProgress):
         super().stage_started(plan, steps_per_epoch)
         self._new_task(f"stage {plan.index + 1}/{plan.stages} {plan.name}", steps_per_epoch * plan.epochs)
 
-    def step_done(self, images: int, loss: float) -> None:
-        self.epoch.add(images, loss)
-        self.progress.update(self.task, advance=1, speed=f"{self.epoch.rate:.0f} img/s",
+    def steps_done(self, steps: list[tuple[int, float]]) -> None:
+        self.epoch.add(steps)
+        self.progress.update(self.task, advance=len(steps), speed=f"{self.epoch.rate:.0f} img/s",
                              loss=f"loss {self.epoch.loss:.4f}")
 
     def phase(self, text: str) -> None:

@@ -97,3 +97,34 @@ def test_the_logged_learning_rate_is_the_one_the_epochs_last_step_used(teacher_d
     expected = [lr * 0.5 * (1 + math.cos(math.pi * (steps * epoch - 1) / total)) for epoch in range(1, epochs + 1)]
     assert [h["lr"] for h in history] == pytest.approx(expected)
     assert history[-1]["lr"] > 0
+
+
+def test_losses_are_read_from_the_device_a_few_times_an_epoch_not_every_step(monkeypatch, tmp_path):
+    """Reading a loss waits for the device (a CUDA sync): the engine reads the pending steps' losses together, on
+    an epoch's first step, at most every READ_EVERY seconds, and at its end. Each step still counts, in order."""
+    from kdcli.jobs.training import train_student
+    from kdcli.progress import Silent
+    from kdcli.training.engine import PendingLosses
+    from kdcli.training.recipe import load_recipe
+
+    monkeypatch.setattr(PendingLosses, "READ_EVERY", 1e9)
+    original, reads = PendingLosses.read, []
+    monkeypatch.setattr(PendingLosses, "read", lambda self: reads.append(len(self.steps)) or original(self))
+
+    class Heard(Silent):
+        steps: list = []
+
+        def steps_done(self, steps):
+            self.steps.append(steps)
+
+    heard = Heard()
+    recipe = load_recipe("supervised", ["stages.0.epochs=2", "data.batch_size=16"])
+    report = train_student(recipe, "test_resnet", "synthetic:train=96,val=32", tmp_path / "run", listener=heard,
+                           kind="train", device_name="cpu")
+    assert reads == [1, 5, 1, 5]  # per epoch of 6 steps: the first alone, the other five together at the end
+    assert [len(steps) for steps in heard.steps] == [1, 5, 1, 5]
+    history = report["stages"][0]["history"]
+    for epoch, (first, rest) in zip(history, zip(heard.steps[::2], heard.steps[1::2])):
+        steps = first + rest
+        assert all(images == 16 and math.isfinite(loss) for images, loss in steps)
+        assert epoch["train_loss"] == pytest.approx(sum(loss for _, loss in steps) / len(steps), rel=1e-6)

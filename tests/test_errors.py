@@ -439,7 +439,7 @@ CASES = {
         ["the student's outputs are not finite at stage 'kd' epoch 1 step 1; check its starting weights"]),
     "loss-not-finite-before-checkpoint": (  # no checkpoint yet: the line promises none
         lambda c: c.distill(None, "test_efficientnet", "--set", "optimizer.lr=1e6"),
-        ["stage 'kd' epoch 1 step ", "is not finite; lower the learning rate or that term's weight"]),
+        ["stage 'kd' epoch 1 step", "is not finite; lower the learning rate or that term's weight"]),
     "image-size-too-small": (
         lambda c: c.distill(None, "test_vit", "--set", "data.image_size=8"), ["cannot take 8x8", "data.image_size"]),
     # data

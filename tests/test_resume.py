@@ -167,7 +167,7 @@ def test_non_finite_loss_stops_with_exit_2_and_keeps_the_last_checkpoint(cli, te
                  "--set", "stages.0.epochs=1", "--set", "stages.1.optimizer.lr=1e30")
     assert result.code == 2 and "Traceback" not in result.err
     line = result.err.strip().splitlines()[-1]
-    assert line.startswith("error: stage 'tcp' epoch 1 step ") and "is not finite" in line, line
+    assert line.startswith("error: stage 'tcp' epoch 1 step") and "is not finite" in line, line
     assert "loss term '" in line and "last good checkpoint is kept" in line
     assert position(out)[0] <= 1  # the state at the end of the first stage is still there
     assert not (out / "student").exists() and not (out / "report.json").exists()

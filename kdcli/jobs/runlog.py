@@ -80,7 +80,7 @@ class RunLog:
     def stage_started(self, plan: StagePlan, steps_per_epoch: int) -> None:
         self.stage = plan.index
 
-    def step_done(self, images: int, loss: float) -> None:
+    def steps_done(self, steps: list[tuple[int, float]]) -> None:
         return None
 
     def epoch_done(self, record: EpochRecord) -> None:
@@ -125,9 +125,9 @@ class Listeners:
         for listener in self.listeners:
             listener.stage_started(plan, steps_per_epoch)
 
-    def step_done(self, images: int, loss: float) -> None:
+    def steps_done(self, steps: list[tuple[int, float]]) -> None:
         for listener in self.listeners:
-            listener.step_done(images, loss)
+            listener.steps_done(steps)
 
     def epoch_done(self, record: EpochRecord) -> None:
         for listener in self.listeners:

@@ -3,6 +3,7 @@ student, asks every source the stage reads for its outputs on the same batch, an
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -101,7 +102,7 @@ class TrainingData:
 
 class Listener(Protocol):
     def stage_started(self, plan: StagePlan, steps_per_epoch: int) -> None: ...
-    def step_done(self, images: int, loss: float) -> None: ...  # a step on `images` images, its total loss
+    def steps_done(self, steps: list[tuple[int, float]]) -> None: ...  # per step: its images, its total loss
     def epoch_done(self, record: EpochRecord) -> None: ...
 
 
@@ -140,18 +141,49 @@ def loss_terms(plan: StagePlan, inputs: StepInputs) -> dict[str, torch.Tensor]:
     return {term.name: term.weight * term.method(inputs).mean() for term in plan.terms}
 
 
-def not_finite(plan: StagePlan, inputs: StepInputs, terms: dict[str, torch.Tensor], where: str,
-               untrained: bool) -> NotFinite:
-    """Name the cause of a non-finite loss: a source whose outputs are not finite; the student's outputs before
-    any training step (its starting weights); else the first bad term."""
+def not_finite(plan: StagePlan, inputs: StepInputs, bad_term: str, where: str, untrained: bool) -> NotFinite:
+    """Name the cause of a non-finite loss: a source whose outputs (on the last step read) are not finite; the
+    student's outputs before any training step (its starting weights); else the first bad term."""
     for name, outputs in inputs.sources.items():
         if not outputs.finite():
             return NotFinite(f"the {name}'s outputs are not finite at {where}", plan.sources[name].hint)
     if untrained and not inputs.student.finite():
         return NotFinite(f"the student's outputs are not finite at {where}",
                          "check its starting weights and the preprocessing")
-    bad = next((name for name, value in terms.items() if not torch.isfinite(value)), "total")
-    return NotFinite(f"{where}: loss term '{bad}' is not finite", "lower the learning rate or that term's weight")
+    return NotFinite(f"{where}: loss term '{bad_term}' is not finite", "lower the learning rate or that term's weight")
+
+
+class PendingLosses:
+    """Loss terms of the steps run since they were last read, still on the device: reading them waits for the
+    device, so they are read on an epoch's first step, then at most every READ_EVERY seconds, and at its end; not
+    every step. Read back, each step's terms are added in step order, as if read one by one."""
+
+    READ_EVERY = 0.5
+
+    def __init__(self, names: list[str]):
+        self.names, self.steps, self.last_read = names, [], time.perf_counter()
+        self.first_step = self.last_step = 0
+
+    def add(self, step: int, images: int, terms: dict[str, torch.Tensor]) -> None:
+        if not self.steps:
+            self.first_step = step
+        self.last_step = step
+        self.steps.append((images, torch.stack([terms[name].detach().float() for name in self.names])))
+
+    def due(self, step: int) -> bool:
+        return step == 0 or time.perf_counter() - self.last_read >= self.READ_EVERY
+
+    def where(self, plan: StagePlan, epoch: int) -> str:
+        steps = f"step {self.first_step + 1}" if self.first_step == self.last_step \
+            else f"steps {self.first_step + 1}-{self.last_step + 1}"
+        return f"stage '{plan.name}' epoch {epoch + 1} {steps}"
+
+    def read(self) -> list[tuple[int, list[float]]]:
+        """Every pending step's images and term values (one wait for the device); forgets them."""
+        values = torch.stack([terms for _, terms in self.steps]).tolist() if self.steps else []
+        read = [(images, row) for (images, _), row in zip(self.steps, values)]
+        self.steps, self.last_read = [], time.perf_counter()
+        return read
 
 
 class StepModule(nn.Module):
@@ -218,9 +250,11 @@ class StageRunner:
         loader = train_loader(data.view, data.batch_size, self.order_seed, plan.index, epoch, data.workers, first_step,
                               pin_memory=self.device.type == "cuda")
         lr = self.optimizer.param_groups[0]["lr"]
-        images_run = 0
+        images_run, pending, inputs = 0, PendingLosses([term.name for term in plan.terms]), None
         for step, (images, labels, samples) in enumerate(loader, start=first_step):
             if distributed.check(control.stop_requested()):  # every process stops at the same step
+                self._take(pending, sums, inputs, epoch)
+                distributed.check()  # every process read its losses: only now save (which may wait on the others)
                 sums = self._summed(sums)
                 sums.seconds += time.perf_counter() - started
                 position = Position(plan.index, epoch, step)
@@ -230,23 +264,17 @@ class StageRunner:
                           samples, plan.index, epoch)
             with self.precision.autocast():
                 terms, inputs = self.step(batch)
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                where = f"stage '{plan.name}' epoch {epoch + 1} step {step + 1}"
-                raise not_finite(plan, inputs, terms, where, untrained=(plan.index, epoch, step) == (0, 0, 0))
-            distributed.check()  # every process has its loss: only now join the gradients' all-reduce
+            pending.add(step, len(labels), terms)
+            if pending.due(step):
+                self._take(pending, sums, inputs, epoch)
+            distributed.check()  # every process read what was due: only now join the gradients' all-reduce
             lr = self.optimizer.param_groups[0]["lr"]  # the one this step uses; the schedule moves on after it
             self.optimizer.zero_grad(set_to_none=True)
-            self.precision.backward(loss, self.optimizer)
+            self.precision.backward(sum(terms.values()), self.optimizer)
             self.schedule.step()
-            step_loss = 0.0
-            for name, value in terms.items():
-                value = value.item()
-                step_loss += value
-                sums.terms[name] = sums.terms.get(name, 0.0) + value * len(labels)
-            sums.seen += len(labels)
             images_run += len(labels) * distributed.world_size()  # every process's share of the step
-            self.listener.step_done(len(labels) * distributed.world_size(), step_loss)
+        self._take(pending, sums, inputs, epoch)
+        distributed.check()
         train_seconds = time.perf_counter() - started
         distributed.average_buffers(plan.trained())
         sums = self._summed(sums)
@@ -262,6 +290,21 @@ class StageRunner:
             images=images_run,
             train_seconds=train_seconds,
         )
+
+    def _take(self, pending: PendingLosses, sums: EpochSums, inputs: StepInputs | None, epoch: int) -> None:
+        """Read the pending steps' losses into the epoch's sums and the listener; a non-finite one ends training
+        (before anything is saved: the last checkpoint stays the last good one)."""
+        where, untrained = pending.where(self.plan, epoch), (self.plan.index, epoch, pending.first_step) == (0, 0, 0)
+        steps = pending.read()
+        for images, values in steps:
+            bad = next((name for name, value in zip(pending.names, values) if not math.isfinite(value)), None)
+            if bad is not None:
+                raise not_finite(self.plan, inputs, bad, where, untrained)
+            for name, value in zip(pending.names, values):
+                sums.terms[name] = sums.terms.get(name, 0.0) + value * images
+            sums.seen += images
+        if steps:  # the listener counts every process's images
+            self.listener.steps_done([(images * distributed.world_size(), sum(values)) for images, values in steps])
 
     def _summed(self, sums: EpochSums) -> EpochSums:
         """The epoch's loss sums over every process (each summed its share of the batches)."""
