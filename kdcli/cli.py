@@ -13,7 +13,7 @@ from kdcli.clihelp import Command, Group, examples
 from kdcli.clirecipe import recipe_app
 from kdcli.clioptions import (
     BASELINE, BASELINE_ARCH, DEVICE, DRY_RUN, FORCE, INIT_FROM_TEACHER, JSON, LOG, MAX_DROP, MIN_TOP1, MORE_TEACHERS,
-    RESET_HEAD, SET, TEACHER_WEIGHTS, WORKERS,
+    CHANNELS_LAST, PRECISION, RESET_HEAD, SET, TEACHER_WEIGHTS, WORKERS,
 )
 from kdcli.errors import KdcliError, QualityGateFailed, printable
 from kdcli.exits import err_console, run
@@ -124,6 +124,8 @@ def distill(
     allow_weak_teacher: bool = typer.Option(False, "--allow-weak-teacher", help="train even if the teacher scores "
                                             "at chance on the validation split or its label names differ"),
     device: str = DEVICE,
+    precision: str = PRECISION,
+    channels_last: bool = CHANNELS_LAST,
     force: bool = FORCE,
     resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out (same inputs)"),
     baseline: str = BASELINE,
@@ -132,8 +134,8 @@ def distill(
     max_drop: float = MAX_DROP,
     workers: str = WORKERS,
     cache: str = typer.Option("auto", "--cache", help="store the teacher's and reference's outputs per view: off, "
-                              "auto (when the recipe sets data.views: K; in $KDCLI_CACHE_DIR or ~/.cache/kdcli) or "
-                              "a folder"),
+                              "auto (when views are fixed: data.views, or no random augmentation; in "
+                              "$KDCLI_CACHE_DIR or ~/.cache/kdcli) or a folder"),
     dry_run: bool = DRY_RUN,
     log: list[str] = LOG,
     export: str = typer.Option(None, "--export", help="also export the student: onnx, int8, fp16, bf16 (comma-separated) "
@@ -159,7 +161,7 @@ def distill(
             init_from=teacher if init_from_teacher else None, choices=choices, device_name=device, force=force,
             resume=resume, listener=listener, baseline_ref=baseline, baseline_arch=baseline_arch,
             min_top1=min_top1, max_drop=max_drop, dry_run=dry_run, show_plan=_plan_shower(), export=export,
-            log=log, workers=opt.workers(workers), cache=cache))
+            log=log, workers=opt.workers(workers), cache=cache, precision=precision, channels_last=channels_last))
     if dry_run:
         return _dry_run(report, json_)
     _show(report, failed, json_, lambda: print_run(report, out))
@@ -229,6 +231,8 @@ def train(
     interpolation: str = opt.interp_option("", "its"),
     reset_head: bool = RESET_HEAD,
     device: str = DEVICE,
+    precision: str = PRECISION,
+    channels_last: bool = CHANNELS_LAST,
     force: bool = FORCE,
     resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out (same inputs)"),
     baseline: str = BASELINE,
@@ -258,7 +262,8 @@ def train(
         report, failed = _finish(lambda: train_student(
             plan, arch, data, out, choices=choices, device_name=device, force=force, resume=resume,
             listener=listener, kind="train", baseline_ref=baseline, baseline_arch=baseline_arch, min_top1=min_top1,
-            dry_run=dry_run, show_plan=_plan_shower(), log=log, workers=opt.workers(workers)))
+            dry_run=dry_run, show_plan=_plan_shower(), log=log, workers=opt.workers(workers), precision=precision,
+            channels_last=channels_last))
     if dry_run:
         return _dry_run(report, json_)
     _show(report, failed, json_, lambda: print_run(report, out))

@@ -7,6 +7,11 @@ import typer
 from kdcli.errors import KdcliError
 
 DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda")
+CHANNELS_LAST = typer.Option(False, "--channels-last", help="train convolutional models in NHWC memory layout "
+                             "(often faster; the written student is in timm's usual layout)")
+PRECISION = typer.Option("auto", "--precision", help="training arithmetic: auto (CUDA: bf16 where the GPU has it, "
+                         "else fp16; CPU: fp32), fp32, or bf16 (on CPU too: faster where the CPU has bf16 "
+                         "instructions)")
 SET = typer.Option(None, "--set", help="override a recipe field: dotted.path=value (repeatable)")
 JSON = typer.Option(False, "--json", help="print the machine-readable result to stdout, nothing else")
 

@@ -262,7 +262,8 @@ def print_plan(plan: dict, stderr: bool = False) -> None:
     say(f"  steps    {steps['per_epoch']} per epoch x {steps['epochs']} epochs = {steps['total']} steps of "
         f"{steps['batch_size']} images{split}")
     estimate = plan["estimate"]
-    say(f"  time     about {_duration(estimate['seconds'])} on {estimate['device']} ({estimate['threads']} threads; "
+    say(f"  time     about {_duration(estimate['seconds'])} on {estimate['device']} ({estimate['threads']} threads, "
+        f"{estimate.get('precision', 'fp32')}{', channels-last' if estimate.get('layout') == 'channels-last' else ''}; "
         "a rough estimate from timed forward passes)")
     for note in plan["notes"]:
         say(f"  note     {note}")

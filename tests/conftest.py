@@ -16,6 +16,7 @@ from pathlib import Path
 HF_HOME = Path(tempfile.mkdtemp(prefix="kdcli-test-hf-"))
 atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
 os.environ.update(HF_HUB_OFFLINE="1", HF_HOME=str(HF_HOME), HF_HUB_CACHE=str(HF_HOME / "hub"))
+os.environ["KDCLI_CACHE_DIR"] = str(HF_HOME / "kdcli-outputs")  # --cache auto never writes in the user's home
 
 import pytest  # noqa: E402
 

@@ -81,3 +81,18 @@ def test_the_stored_views_are_the_views_the_student_sees():
     in_workers = [images for images, _, _ in train_loader(view, 16, order_seed=0, stage=1, epoch=0, workers=2)]
     in_process = [images for images, _, _ in train_loader(view, 16, order_seed=0, stage=1, epoch=0, workers=0)]
     assert all(torch.equal(a, b) for a, b in zip(in_workers, in_process)) and len(in_workers) == 4
+
+
+def test_without_random_augmentation_outputs_are_stored_by_default(cli, tmp_path, teacher_dir, monkeypatch):
+    """No flip and no crop: every epoch shows each image itself, so --cache auto (the default) stores the
+    teacher's outputs once; the student is the uncached run's to fp16 rounding of the teacher's logits."""
+    monkeypatch.setenv("KDCLI_CACHE_DIR", str(tmp_path / "auto"))
+    fixed = ["--recipe", "kd", "--set", "stages.0.epochs=2", "--set", "data.augment.hflip=false", "--set",
+             "data.augment.crop=none", "--set", "data.batch_size=64", "--json"]
+    plain = cli("distill", teacher_dir, "test_resnet", "--data", DATA, "--out", tmp_path / "plain", "--cache", "off",
+                *fixed)
+    cached = cli("distill", teacher_dir, "test_resnet", "--data", DATA, "--out", tmp_path / "cached", *fixed)
+    assert plain.code == 0 and cached.code == 0, plain.err + cached.err
+    assert f"stored outputs: {tmp_path / 'auto'}" in cached.err and "1 fixed per image" in cached.err
+    assert len([p for p in (tmp_path / "auto").iterdir() if p.is_dir()]) == 1
+    assert largest_difference(student(tmp_path / "plain"), student(tmp_path / "cached")) < 0.02

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -107,3 +108,51 @@ def test_entry_points():
     assert version.returncode == 0 and version.stdout.startswith("kdcli ")
     helped = subprocess.run([sys.executable, "-m", "kdcli", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "distill" in helped.stdout
+
+
+def test_precision_bf16_trains_on_the_cpu_under_autocast(cli, teacher_dir, tmp_path):
+    """--precision bf16: the run plan says so, the steps run under CPU bf16 autocast, the losses stay finite, and
+    the student is written in fp32 as always."""
+    seen = []
+    original = torch.autocast.__init__
+
+    def recording(self, device_type, dtype=None, *args, **kwargs):
+        seen.append((device_type, dtype))
+        original(self, device_type, dtype, *args, **kwargs)
+
+    torch.autocast.__init__ = recording
+    try:
+        result = cli("distill", teacher_dir, "test_resnet", "--data", DATA, "--out", tmp_path / "run", "--recipe", "kd",
+                     "--set", "stages.0.epochs=1", "--precision", "bf16", "--json")
+    finally:
+        torch.autocast.__init__ = original
+    assert result.code == 0, result.err
+    assert ", bf16; a rough estimate" in result.err
+    assert ("cpu", torch.bfloat16) in seen
+    weights = safetensors.torch.load_file(str(tmp_path / "run/student/model.safetensors")).values()
+    assert all(v.dtype == torch.float32 for v in weights if v.is_floating_point())
+    assert all(math.isfinite(h["train_loss"]) for h in result.json()["stages"][0]["history"])
+
+
+def test_channels_last_trains_in_nhwc_and_writes_timms_layout(cli, teacher_dir, tmp_path, monkeypatch):
+    """--channels-last: the student's convolutions see NHWC batches during training; the written student is an
+    ordinary contiguous timm checkpoint, and the run plan says which layout ran."""
+    from kdcli.training import engine
+
+    layouts = []
+    original = engine.step_inputs
+
+    def recording(plan, needs, batch):
+        layouts.append(batch.images.is_contiguous(memory_format=torch.channels_last)
+                       and next(p for p in plan.student.parameters() if p.ndim == 4)
+                       .is_contiguous(memory_format=torch.channels_last))
+        return original(plan, needs, batch)
+
+    monkeypatch.setattr(engine, "step_inputs", recording)
+    out = tmp_path / "run"
+    result = cli("distill", teacher_dir, "test_resnet", "--data", DATA, "--out", out, "--recipe", "kd-anchored",
+                 "--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1", "--channels-last", "--json")
+    assert result.code == 0, result.err
+    assert layouts and all(layouts) and ", channels-last; a rough estimate" in result.err
+    loaded = timm.create_model(f"local-dir:{out / 'student'}", pretrained=True)
+    assert math.isclose(timm_top1(loaded), result.json()["student"]["top1"], abs_tol=0.01)

@@ -12,6 +12,7 @@ import torch
 
 from conftest import TEACHER_DATA
 from kdcli.data import DataConfig, TrainView, open_data, train_loader
+from kdcli.errors import KdcliError
 from kdcli.training.methods import REGISTRY
 from kdcli.training.optim import OptimizerSettings, make_optimizer
 from kdcli.training.precision import MixedPrecision
@@ -84,7 +85,13 @@ def test_cuda_mixed_precision_uses_bf16_only_where_the_gpu_has_it(monkeypatch):
     native = MixedPrecision(torch.device("cuda"))
     assert native.dtype == torch.bfloat16 and native.scaler is None
     cpu = MixedPrecision(torch.device("cpu"))
-    assert not cpu.enabled and cpu.scaler is None
+    assert not cpu.enabled and cpu.scaler is None and cpu.name == "fp32"
+    cpu_bf16 = MixedPrecision(torch.device("cpu"), "bf16")  # --precision bf16: autocast on the CPU too
+    assert cpu_bf16.enabled and cpu_bf16.dtype == torch.bfloat16 and cpu_bf16.scaler is None
+    assert not MixedPrecision(torch.device("cuda"), "fp32").enabled
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    with pytest.raises(KdcliError, match="this GPU has no native bf16"):
+        MixedPrecision(torch.device("cuda"), "bf16")
 
 
 def test_the_logged_learning_rate_is_the_one_the_epochs_last_step_used(teacher_dir):

@@ -485,6 +485,8 @@ CASES = {
     "bad-workers": (lambda c: c.distill(None, "test_efficientnet", "--workers", "many"), ["--workers many", "auto"]),
     "cache-without-views": (
         lambda c: c.distill(None, "test_efficientnet", "--cache", c.tmp / "cache"), ["need fixed views", "data.views"]),
+    "precision-unknown": (
+        lambda c: c.distill(None, "test_efficientnet", "--precision", "fp16"), ["--precision fp16", "auto, fp32, bf16"]),
     "cache-is-a-file": (
         lambda c: c.distill(None, "test_efficientnet", "--set", "data.views=2", "--cache", c.file("cache")),
         ["is a file", "--cache"]),
@@ -554,6 +556,7 @@ ELSEWHERE = {
     **{case: ("test_distributed", "test_bad_distributed_input_ends_every_process_alike")
        for case in ("batch-not-shared-evenly", "train-smaller-than-a-batch", "command-not-distributed")},
     "missing-tensorboard": ("test_terminal", "test_log_tensorboard_without_the_package_is_one_line_before_any_work"),
+    "precision-bf16-without-native-bf16": ("test_engine", "test_cuda_mixed_precision_uses_bf16_only_where_the_gpu_has_it"),
     "cache-entry-stale": ("test_cache", "test_cached_and_uncached_runs_on_the_same_views_train_the_same_student"),
 }
 

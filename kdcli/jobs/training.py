@@ -34,6 +34,7 @@ from kdcli.models.checkpoint import LoadedModel, build, open_source, save_timm_f
 from kdcli.models.init_from_teacher import describe, init_from_teacher
 from kdcli.models.preprocessing import recipe_layer, teacher_input
 from kdcli.training.cache import OutputCache
+from kdcli.training.precision import MixedPrecision
 from kdcli.training.cache import resolve as resolve_cache
 from kdcli.training.engine import EpochRecord, Listener, StopRequested, Term, TrainingData
 from kdcli.training.pipeline import Checkpoint, Models, StageOutcome, check_plan, restore_models, run_stages
@@ -145,6 +146,8 @@ def prepare(
     show_plan=None,
     workers: int | str | None = None,
     cache: str = "auto",
+    precision: str = "auto",
+    channels_last: bool = False,
 ) -> Run:
     """Load and check models, data and recipe; check the teacher on the validation split; build the run plan
     (shown through show_plan before training); open the checkpoint to resume from. out: the folder the run
@@ -153,8 +156,9 @@ def prepare(
     started = time.perf_counter()
     choices = choices or ModelChoices(teacher_arch, student_arch)
     check_gate_options(min_top1, max_drop, teacher_ref is not None)
-    cache_folder = resolve_cache(cache, recipe.data.views)
+    cache_folder = resolve_cache(cache, recipe.data.fixed_views())
     device = resolve_device(device_name)
+    arithmetic = MixedPrecision(device, precision).name  # an unknown or unavailable choice fails here, early
     tensors, state = distributed.from_writer(lambda: open_resume(out)) if resume else ({}, None)
     source = open_data(data_spec)
     if len(source.train) < 2:
@@ -181,7 +185,7 @@ def prepare(
         check_same_run(out, state["fingerprint"], fingerprint)
     baseline = subject(baseline_ref, baseline_arch, "baseline", "--baseline-arch", source) if baseline_ref else None
     view = TrainView(source.train, config, settings.augment.hflip, settings.augment.crop, recipe.seed,
-                     settings.views)
+                     settings.fixed_views())
     workers = settings.workers if workers is None else workers
     workers = auto_workers(view) if workers == "auto" else int(workers)
     student.model.to(device)
@@ -202,7 +206,8 @@ def prepare(
                                    [check, *checks], weights)
     data = TrainingData(
         view=view, val_loader=eval_loader(EvalView(source.val, config), settings.eval_batch_size, workers),
-        batch_size=settings.batch_size, workers=workers, seed=recipe.seed,
+        batch_size=settings.batch_size, workers=workers, seed=recipe.seed, precision=precision,
+        channels_last=channels_last,
     )
     teacher_in = adapter.to(device) if adapter is not None else identity_input
     models = Models(student.model, resolved.started_from_weights, teacher.model if teacher else None,
@@ -217,6 +222,7 @@ def prepare(
         plan["teachers"] = teachers
     stored = OutputCache(cache_folder, view, device, settings.eval_batch_size) if cache_folder else None
     plan["pipeline"] = pipeline_entry(view, workers, cache_folder)
+    plan["estimate"].update(precision=arithmetic, layout="channels-last" if channels_last else "contiguous")
     if show_plan is not None and not dry_run:
         show_plan(plan)
     checkpoint = Checkpoint(out / CHECKPOINT_NAME, fingerprint, tensors=tensors, state=state)
@@ -288,6 +294,8 @@ def train(run: Run, listener: Listener) -> list[StageOutcome]:
         write_text(run.out / RECIPE_NAME, run.recipe.to_yaml())
     with StopSignals() as signals:
         run.checkpoint.stop_requested = signals.requested
+        if run.data.channels_last:
+            run.models.set_memory_format(torch.channels_last)
         try:
             outcomes = run_stages(run.recipe, run.all_terms, run.models, run.data, run.device, listener,
                                   run.checkpoint, run.cache)
@@ -297,6 +305,8 @@ def train(run: Run, listener: Listener) -> list[StageOutcome]:
                 f"stopped in stage '{where}' at epoch {stop.position.epoch + 1}, step {stop.position.step + 1}; "
                 f"training state saved in {run.checkpoint.path}"
             ) from None
+        finally:
+            run.models.set_memory_format(torch.contiguous_format)  # what is written and exported: timm's layout
     if signals.received is not None:  # arrived after the last step: the state is saved, the outputs are not
         raise SignalReceived(signals.received)
     return outcomes

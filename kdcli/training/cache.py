@@ -44,13 +44,13 @@ def default_folder() -> Path:
 
 
 def resolve(choice: str, views: int | None) -> Path | None:
-    """--cache off|auto|DIR -> the folder to store outputs in, or None. auto stores when the recipe's views are
-    fixed (data.views) and not otherwise: fresh views every epoch are never seen twice."""
+    """--cache off|auto|DIR -> the folder to store outputs in, or None. auto stores when the views are fixed
+    (data.views, or no random augmentation) and not otherwise: fresh views every epoch are never seen twice."""
     if choice == "off" or (choice == "auto" and views is None):
         return None
     if views is None:
         raise KdcliError(f"--cache {choice}: stored outputs need fixed views; set data.views (e.g. --set "
-                         "data.views=8) or pass --cache off")
+                         "data.views=8), turn random augmentation off, or pass --cache off")
     folder = default_folder() if choice == "auto" else Path(choice)
     if folder.exists() and not folder.is_dir():
         raise KdcliError(f"--cache {choice}: {folder} is a file; pass a folder, auto or off")

@@ -98,6 +98,8 @@ class TrainingData:
     batch_size: int
     workers: int
     seed: int
+    precision: str = "auto"  # --precision: training arithmetic (precision.py)
+    channels_last: bool = False  # --channels-last: batches (and models, set by the caller) in NHWC layout
 
 
 class Listener(Protocol):
@@ -212,7 +214,7 @@ class StageRunner:
         self.optimizer = make_optimizer(plan.optimizer, plan.trained())
         self.schedule = make_schedule(plan.schedule, self.optimizer, self.steps_per_epoch * plan.epochs,
                                       self.steps_per_epoch)
-        self.precision = MixedPrecision(device)
+        self.precision = MixedPrecision(device, data.precision)
         self.step = distributed.wrap(StepModule(plan, self.needs))
 
     def state(self) -> dict:
@@ -260,8 +262,9 @@ class StageRunner:
                 position = Position(plan.index, epoch, step)
                 control.save(self, position, sums)
                 raise StopRequested(position)
-            batch = Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True),
-                          samples, plan.index, epoch)
+            layout = torch.channels_last if data.channels_last else torch.contiguous_format
+            batch = Batch(images.to(self.device, non_blocking=True, memory_format=layout),
+                          labels.to(self.device, non_blocking=True), samples, plan.index, epoch)
             with self.precision.autocast():
                 terms, inputs = self.step(batch)
             pending.add(step, len(labels), terms)

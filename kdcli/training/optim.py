@@ -48,11 +48,18 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
 
 
 def make_optimizer(settings: OptimizerSettings, modules: Iterable[nn.Module]) -> torch.optim.Optimizer:
+    """torch's fused kernel (one pass over every parameter) where the parameters' device has one, else its default:
+    on CPU that updates tensor by tensor (benchmarks/model_side.py: 5 ms instead of 31 for resnet10t's update)."""
     groups = param_groups(modules, settings.weight_decay)
     if settings.name == "adamw":
-        return torch.optim.AdamW(groups, lr=settings.lr)
-    return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum,
-                           nesterov=settings.nesterov and settings.momentum > 0)
+        build = lambda fused: torch.optim.AdamW(groups, lr=settings.lr, fused=fused)  # noqa: E731
+    else:
+        build = lambda fused: torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum,  # noqa: E731
+                                              nesterov=settings.nesterov and settings.momentum > 0, fused=fused)
+    try:
+        return build(True)
+    except RuntimeError:  # a device or dtype without a fused kernel
+        return build(None)
 
 
 def lr_factor(settings: ScheduleSettings, step: int, total: int, steps_per_epoch: int) -> float:

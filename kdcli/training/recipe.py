@@ -57,8 +57,16 @@ class DataSettings(_Strict):
     )
     views: int | None = Field(
         None, ge=1, le=1000, description="fixed augmented views per training image, each epoch showing one of them "
-        "(lets teacher and reference outputs be stored, see --cache); default: a fresh view every epoch"
+        "(lets teacher and reference outputs be stored, see --cache); default: a fresh view every epoch, or "
+        "without random augmentation the one view each image has"
     )
+
+    def fixed_views(self) -> int | None:
+        """How many fixed views each image has: data.views, else 1 when nothing is random (no flip, no crop: every
+        epoch shows the image itself, so its outputs can be stored as they are), else None (fresh every epoch)."""
+        if self.views is not None:
+            return self.views
+        return 1 if not self.augment.hflip and self.augment.crop == "none" else None
 
     @model_validator(mode="after")
     def _workers_in_range(self) -> DataSettings:

@@ -95,6 +95,11 @@ class Models:
     def teachers(self) -> list[tuple[nn.Module, Callable]]:
         return [(self.teacher, self.teacher_input), *self.more_teachers] if self.teacher is not None else []
 
+    def set_memory_format(self, memory_format: torch.memory_format) -> None:
+        """Every model's weights in this layout (--channels-last; saving makes them contiguous again)."""
+        for model in (self.student, *(model for model, _ in self.teachers())):
+            model.to(memory_format=memory_format)
+
 
 @dataclass(frozen=True)
 class SourceKind:
