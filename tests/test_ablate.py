@@ -53,7 +53,7 @@ def test_cells_keep_the_total_epochs_and_vary_only_what_they_name():
         build_cells(base, 2, 0, 1)
 
 
-def test_ablate_runs_every_cell_per_seed_and_reuses_finished_runs(cli, teacher_dir, tmp_path):
+def test_ablate_runs_every_cell_per_seed_and_reuses_finished_runs(cli, teacher_dir, tmp_path, monkeypatch):
     out = tmp_path / "ablation"
     args = ["ablate", teacher_dir, "test_resnet", "--data", DATA, "--seeds", "2", "--epochs", "3", "--out", out,
             "--cells", "alone,kd,seq-tcp,stages-2"]
@@ -81,6 +81,9 @@ def test_ablate_runs_every_cell_per_seed_and_reuses_finished_runs(cli, teacher_d
     again = cli(*args)  # the same command: every run is reused, nothing is trained
     assert again.code == 0, again.err
     assert "epoch 1/" not in again.err and "seq-tcp" in again.out
+    monkeypatch.chdir(teacher_dir.parent)  # the same teacher named by a relative path is the same input
+    relative = cli(*[teacher_dir.name if arg == teacher_dir else arg for arg in args])
+    assert relative.code == 0 and "epoch 1/" not in relative.err, relative.err
 
     other = cli(*args[:-2], "--epochs", "4")  # other inputs in the same folder are refused
     assert other.code == 2 and "another epochs" in other.err

@@ -38,9 +38,15 @@ class AblationInputs:
     only: list[str] | None = None  # run only these cells
 
     def identity(self) -> dict:
-        return {"teachers": self.teachers, "teacher_weights": self.teacher_weights, "student": self.student,
-                "data": self.data, "recipe": _what_runs(self.base), "epochs": self.epochs,
-                "init_from_teacher": self.init_from_teacher}
+        return {"teachers": [_located(t) for t in self.teachers], "teacher_weights": self.teacher_weights,
+                "student": _located(self.student), "data": _located(self.data), "recipe": _what_runs(self.base),
+                "epochs": self.epochs, "init_from_teacher": self.init_from_teacher}
+
+
+def _located(ref):
+    """A local file or folder by its absolute path (the same teacher named from another folder is the same);
+    anything else (an architecture, hf-hub:, synthetic) as given."""
+    return str(Path(ref).resolve()) if isinstance(ref, str) and Path(ref).exists() else ref
 
 
 def _what_runs(recipe: Recipe) -> str:
@@ -56,6 +62,8 @@ def _open_out(out: Path, inputs: AblationInputs, force: bool) -> None:
     if marker.is_file() and not force:
         saved = json.loads(marker.read_text(encoding="utf-8"))
         now = inputs.identity()
+        saved = {**saved, "teachers": [_located(t) for t in saved.get("teachers") or []],
+                 "student": _located(saved.get("student")), "data": _located(saved.get("data"))}
         for key in now:
             if saved.get(key) != now[key]:
                 raise KdcliError(f"--out {out} holds an ablation with another {key} ({saved.get(key)} then, "
