@@ -44,7 +44,10 @@ def _usage_error(err: typer.TyperException) -> str:
 
 
 def _resume_hint(args: list[str]) -> str:
-    """'; resume with: kdcli ... --resume' (without --force), unless the command is too long to repeat."""
+    """'; resume with: kdcli ... --resume' (without --force), unless the command is too long to repeat, or has
+    no --resume (demo runs its three trainings afresh)."""
+    if next((arg for arg in args if not arg.startswith("-")), None) not in ("distill", "train", "ablate"):
+        return ""
     again = shlex.join(["kdcli", *[a for a in args if a != "--force"], *([] if "--resume" in args else ["--resume"])])
     return f"; resume with: {again}" if len(again) <= 600 else "; resume: rerun the same command with --resume"
 

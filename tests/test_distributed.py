@@ -179,14 +179,17 @@ def test_an_error_on_rank_1_only_ends_both_processes_with_one_line(tmp_path):
 
 
 def test_bad_distributed_input_ends_every_process_alike(tmp_path, teacher_dir):
-    """docs/errors.md: batch-not-shared-evenly, train-smaller-than-a-batch, command-not-distributed."""
+    """docs/errors.md: batch-not-shared-evenly, train-smaller-than-a-batch, command-not-distributed,
+    export-under-torchrun."""
     uneven = spawn(*distill_args(teacher_dir, "kd", tmp_path / "out"), "--set", "data.batch_size=33")
     small = spawn("train", "test_resnet", "--data", "synthetic:train=24,val=16", "--out", tmp_path / "small")
     demo = spawn("demo", "--out", tmp_path / "demo")
+    export = spawn(*distill_args(teacher_dir, "kd", tmp_path / "export"), "--export", "onnx")
     assert_same_ending(ended(uneven), 2, "data.batch_size 33 is the global batch", "--set data.batch_size=32")
     assert_same_ending(ended(small), 2, "24 images, fewer than one global batch of 64")
     assert_same_ending(ended(demo), 2, "kdcli demo runs in one process", "without torchrun")
-    assert not any((tmp_path / name).exists() for name in ("out", "small", "demo"))
+    assert_same_ending(ended(export), 2, "--export is not available under torchrun", "kdcli export OUT/student")
+    assert not any((tmp_path / name).exists() for name in ("out", "small", "demo", "export"))
 
 
 def test_a_two_process_run_stopped_on_one_rank_resumes_on_one_process(cli, tmp_path, teacher_dir, recipe,

@@ -343,6 +343,9 @@ CASES = {
     "config-architecture-not-a-string": (
         lambda c: c.distill(teacher_with_config(c, "t", architecture=18)),
         ["field 'architecture' must be a timm architecture name"]),
+    "config-and-metadata-disagree": (
+        lambda c: c.distill(teacher_with_config(c, "disagree", architecture="test_efficientnet")),
+        ["metadata says architecture 'test_resnet'", "config.json says 'test_efficientnet'", "--teacher-arch"]),
     "config-not-an-object": (
         lambda c: c.distill(teacher_with_config(c, "t", pretrained_cfg=[1, 2])),
         ["field 'pretrained_cfg' must be a JSON object"]),
@@ -554,7 +557,8 @@ ELSEWHERE = {
     "resume-data-changed": ("test_resume", "test_resume_names_what_changed_in_the_data"),
     "missing-export-extra": ("test_export", "test_a_missing_extra_is_one_clear_line_before_any_work"),
     **{case: ("test_distributed", "test_bad_distributed_input_ends_every_process_alike")
-       for case in ("batch-not-shared-evenly", "train-smaller-than-a-batch", "command-not-distributed")},
+       for case in ("batch-not-shared-evenly", "train-smaller-than-a-batch", "command-not-distributed",
+                    "export-under-torchrun")},
     "missing-tensorboard": ("test_terminal", "test_log_tensorboard_without_the_package_is_one_line_before_any_work"),
     "precision-bf16-without-native-bf16": ("test_engine", "test_cuda_mixed_precision_uses_bf16_only_where_the_gpu_has_it"),
     "cache-entry-stale": ("test_cache", "test_cached_and_uncached_runs_on_the_same_views_train_the_same_student"),

@@ -105,7 +105,9 @@ def test_during_the_demo_leaves_nothing(tmp_path):
                    "--teacher", "test_resnet"])
     assert run.wait_until(lambda: "baseline: stage 1/1" in run.err), run.err  # the teacher is done, the baseline runs
     run.process.send_signal(signal.SIGTERM)
-    assert_interrupted(run.finish(), "while running the demo", "nothing was written")
+    done = run.finish()
+    assert_interrupted(done, "while running the demo", "nothing was written")
+    assert "--resume" not in done.err  # demo has no --resume: nothing to suggest
     assert nothing_beside(out)
 
 

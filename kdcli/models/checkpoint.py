@@ -5,7 +5,8 @@ weights file `timm.create_model("local-dir:…", pretrained=True)` finds there),
 `timm/ARCH.TAG`) or a timm pretrained tag (`ARCH.TAG`). Pickle-format weights are only ever read with
 `torch.load(weights_only=True)`, as timm reads them. Loading is strict: a key or shape mismatch names the first
 differing keys, and non-finite weights are refused.
-Architecture: the caller's flag, else the file's metadata `arch`, else `config.json` `architecture`.
+Architecture: the caller's flag, else the file's metadata `arch`, else `config.json` `architecture` (the two
+disagreeing is refused: which one is right cannot be told).
 num_classes: from the classifier weight's shape.
 """
 
@@ -139,7 +140,11 @@ def open_source(ref: str, arch_flag: str | None, role: str, flag: str) -> Source
     tensors, metadata = read_weights(weights, role)
     if config is None:
         config = read_metadata(metadata, weights)
-    arch = arch_flag or (metadata.get("arch") if not reference.kind == "pretrained" else None) or config.arch
+    recorded = metadata.get("arch") if not reference.kind == "pretrained" else None
+    if not arch_flag and recorded and config.arch and recorded.split(".")[0] != config.arch.split(".")[0]:
+        raise KdcliError(f"{role} {ref}: its weights' metadata says architecture '{recorded}' but its config.json "
+                         f"says '{config.arch}'; pass {flag} with the right one")
+    arch = arch_flag or recorded or config.arch
     if not arch:
         raise KdcliError(
             f"{role} {ref}: cannot tell its architecture (no 'arch' in the file's metadata, no config.json); "
