@@ -55,3 +55,9 @@ kdcli ablate "$T" resnet10t "${SHAPES_LIMITED[@]}" --cells alone,kd --out shapes
 # the same CIFAR-shaped set with a teacher weaker than the student alone (resnet10t, 81.7%)
 kdcli ablate "$OUT/shapes-teacher" test_resnet --data shapes-data --epochs 12 --seeds 3 --cells alone,kd,joint \
       --out shapes10t-smskd
+# caching's effect on accuracy (README, "What caching does to accuracy"): four stored views against fresh ones
+kdcli ablate teacher test_resnet "${FULL[@]}" --recipe joint --set data.views=4 --cells joint --out full-joint-views4
+kdcli ablate teacher test_resnet "${LIMITED[@]}" --recipe joint --set data.views=4 --cells joint \
+      --out limited-joint-views4
+kdcli ablate teacher test_resnet "${FULL[@]}" --recipe kd --set data.views=4 --cells kd --out full-kd-views4
+kdcli ablate teacher test_resnet "${FULL[@]}" --recipe kd --cells kd --out full-kd-fresh
