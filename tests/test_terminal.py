@@ -87,7 +87,8 @@ def test_metrics_written_as_training_goes_with_verbose_progress(tmp_path, teache
     result = run.finish()
     assert result.code == 0, result.err
     assert "stage 1/2 'kd'" in result.err and "stage 2/2 'kd-anchored'" in result.err
-    assert re.search(r"step 8/16 +loss \d+\.\d{4} +\d+ img/s +epoch ETA \d:\d\d:\d\d", result.err), result.err
+    # a line at the losses read during an epoch (its first step, then at most twice a second)
+    assert re.search(r"step \d+/16 +loss \d+\.\d{4} +\d+ img/s +epoch ETA \d:\d\d:\d\d", result.err), result.err
     assert "evaluating the student, the teacher on the 128 validation images" in result.err
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
