@@ -253,6 +253,7 @@ class StageRunner:
                               pin_memory=self.device.type == "cuda")
         lr = self.optimizer.param_groups[0]["lr"]
         images_run, pending, inputs = 0, PendingLosses([term.name for term in plan.terms]), None
+        layout = torch.channels_last if data.channels_last else torch.contiguous_format
         for step, (images, labels, samples) in enumerate(loader, start=first_step):
             if distributed.check(control.stop_requested()):  # every process stops at the same step
                 self._take(pending, sums, inputs, epoch)
@@ -262,7 +263,6 @@ class StageRunner:
                 position = Position(plan.index, epoch, step)
                 control.save(self, position, sums)
                 raise StopRequested(position)
-            layout = torch.channels_last if data.channels_last else torch.contiguous_format
             batch = Batch(images.to(self.device, non_blocking=True, memory_format=layout),
                           labels.to(self.device, non_blocking=True), samples, plan.index, epoch)
             with self.precision.autocast():
