@@ -49,7 +49,7 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
 
 def make_optimizer(settings: OptimizerSettings, modules: Iterable[nn.Module]) -> torch.optim.Optimizer:
     """torch's fused kernel (one pass over every parameter) where the parameters' device has one, else its default:
-    on CPU that updates tensor by tensor (benchmarks/model_side.py: 5 ms instead of 31 for resnet10t's update)."""
+    on CPU that updates tensor by tensor (benchmarks/model_side.py: a KD step 1.10x faster with the fused SGD)."""
     groups = param_groups(modules, settings.weight_decay)
     if settings.name == "adamw":
         build = lambda fused: torch.optim.AdamW(groups, lr=settings.lr, fused=fused)  # noqa: E731
